@@ -1,0 +1,5 @@
+"""``python -m latentkit`` runs the ``latentkit`` command."""
+
+from latentkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,6 @@
+"""Small real data sets shipped with latentkit, and synthetic generators."""
+
+from latentkit.datasets.old_faithful import load_old_faithful
+from latentkit.datasets.synthetic import make_gaussian_mixture
+
+__all__ = ["load_old_faithful", "make_gaussian_mixture"]

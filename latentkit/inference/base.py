@@ -1,0 +1,150 @@
+"""The engine protocol, the engine registry, option parsing and :func:`fit`."""
+
+import contextlib
+import dataclasses
+import difflib
+import importlib.metadata
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import torch
+
+from latentkit.errors import ConfigError
+from latentkit.inference.result import Result
+
+__all__ = ["Engine", "register_engine", "get_engine", "engine_names", "fit", "parse_options",
+           "seeded"]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An inference engine: anything with this ``fit`` method."""
+
+    def fit(self, model: Any, data: Any, *, seed: int, progress: bool) -> Result: ...
+
+
+EngineFactory = Callable[..., Engine]
+_REGISTRY: dict[str, EngineFactory] = {}
+
+
+def register_engine(name: str, factory: EngineFactory) -> None:
+    """Make ``lk.fit(..., engine=name, **options)`` call ``factory(**options).fit(...)``."""
+    if not name or not isinstance(name, str):
+        raise ConfigError(f"name: engine names are non-empty strings, got {name!r}.")
+    _REGISTRY[name] = factory
+
+
+def engine_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_engine(engine: str | Engine, **options: Any) -> Engine:
+    """Resolve a registered name (with options) or pass an ``Engine`` instance through."""
+    if isinstance(engine, str):
+        if engine not in _REGISTRY:
+            close = difflib.get_close_matches(engine, _REGISTRY, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"engine: unknown engine {engine!r}; choose one of {engine_names()}.{hint}"
+            )
+        return _REGISTRY[engine](**options)
+    if isinstance(engine, Engine):
+        if options:
+            raise ConfigError(
+                f"engine: options {sorted(options)} were given with an Engine instance; "
+                "configure the instance instead."
+            )
+        return engine
+    raise ConfigError(f"engine: expected a name or an Engine, got {type(engine).__name__}.")
+
+
+OptionsT = TypeVar("OptionsT")
+
+
+def parse_options(cls: type[OptionsT], options: Mapping[str, Any], engine: str) -> OptionsT:
+    """Build the options dataclass ``cls`` from keyword options, refusing unknown names.
+
+    Each field's ``metadata["choices"]`` (if any) restricts its value, ``metadata["min"]``
+    bounds it from below.
+    """
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{name}: not an option of engine {engine!r}.{hint} "
+                f"Its options are {sorted(known)}."
+            )
+    for name, value in options.items():
+        meta = known[name].metadata
+        choices = meta.get("choices")
+        if choices is not None and isinstance(value, str) and value not in choices:
+            raise ConfigError(f"{name}: must be one of {list(choices)}, got {value!r}.")
+        minimum = meta.get("min")
+        if minimum is not None and value is not None and isinstance(value, (int, float)):
+            if value < minimum:
+                raise ConfigError(f"{name}: must be at least {minimum}, got {value!r}.")
+    return cls(**options)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Seed torch inside the block and restore the caller's random state afterwards."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed: must be a non-negative integer, got {seed!r}.")
+    devices = []
+    if device is not None and torch.device(device).type == "cuda":
+        devices = [torch.device(device).index or 0]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a result depends on, for ``config.json``."""
+    out = {}
+    for package in ("latentkit", "torch", "pyro-ppl", "arviz", "numpy"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = "unknown"
+    return out
+
+
+def fit(
+    model: Any,
+    data: Any = None,
+    engine: str | Engine = "nuts",
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    **options: Any,
+) -> Result:
+    """Fit a model with any engine.
+
+    Args:
+        model: a built-in :class:`~latentkit.models.LatentModel` or a plain Pyro function.
+        data: for built-in models their data (array, DataFrame, ...); for a plain function a
+            dict of its keyword arguments (observed sites are those with ``obs=``).
+        engine: ``"nuts"``, ``"hmc"``, ``"svi"``, ``"pyro-nuts"``, any registered name, or
+            an :class:`Engine` instance.
+        seed: makes a CPU run repeat exactly; the caller's random state is left untouched.
+        progress: show a progress bar.
+        device: e.g. ``"cuda"``; model and data are moved there.
+        **options: engine options (see ``latentkit.inference.SVIOptions`` / ``MCMCOptions``);
+            an unknown name raises :class:`~latentkit.errors.ConfigError`.
+
+    Example:
+        >>> import latentkit as lk, numpy as np
+        >>> X = np.random.default_rng(0).normal(size=(60, 2))
+        >>> res = lk.fit(lk.models.GaussianMixture(n_components=1), X, engine="svi",
+        ...              steps=50, num_samples=20, progress=False)
+        >>> res.posterior["locs"].shape
+        (1, 20, 1, 2)
+    """
+    if device is not None:
+        options["device"] = str(device)
+    resolved = get_engine(engine, **options)
+    return resolved.fit(model, data, seed=seed, progress=progress)

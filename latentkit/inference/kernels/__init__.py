@@ -1,0 +1,26 @@
+"""Vectorised multi-chain MCMC kernels in pure PyTorch: NUTS, static HMC and their warm-up.
+
+Each kernel follows one protocol: ``init(position, potential_and_grad) -> HMCState`` and
+``step(generator, state, ...) -> (HMCState, Info)``, batched over a leading chain dimension.
+:func:`run_chains` drives warm-up and sampling.
+"""
+
+from latentkit.inference.kernels import adaptation, hmc, integrators, metrics, nuts
+from latentkit.inference.kernels.chains import Chains, run_chains
+from latentkit.inference.kernels.metrics import Metric
+from latentkit.inference.kernels.state import HMCState, Info, PotentialAndGrad, init
+
+__all__ = [
+    "Chains",
+    "HMCState",
+    "Info",
+    "Metric",
+    "PotentialAndGrad",
+    "adaptation",
+    "hmc",
+    "init",
+    "integrators",
+    "metrics",
+    "nuts",
+    "run_chains",
+]

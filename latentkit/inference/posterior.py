@@ -1,0 +1,89 @@
+"""Turn draws of the continuous latent sites into a complete :class:`Result`.
+
+Shared by every engine: given posterior draws of the continuous latents, recover the discrete
+sites with ``infer_discrete`` (forward filtering, backward sampling), record deterministic
+sites, compute the log-likelihood of each observation with discrete sites summed out, and draw
+the posterior predictive.
+"""
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentkit.inference.result import Result
+from latentkit.inference.target import Target
+from latentkit.inference.vectorize import BatchedModel
+
+__all__ = ["complete_result"]
+
+#: Draws per batched model call: bounds memory at (chunk x N x K) for enumerated models.
+CHUNK = 500
+
+
+def _numpy(tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().reshape(shape + tuple(v.shape[1:])).numpy() for k, v in tensors.items()}
+
+
+def complete_result(
+    target: Target,
+    batched: BatchedModel,
+    samples: dict[str, torch.Tensor],
+    *,
+    model: Any,
+    sample_stats: dict[str, np.ndarray] | None = None,
+    params: dict[str, torch.Tensor] | None = None,
+    losses: np.ndarray | None = None,
+    config: dict[str, Any],
+    seed: int = 0,
+) -> Result:
+    """Build the result from continuous draws ``{site: (chain, draw, *site.shape)}``."""
+    num_chains, num_draws = next(iter(samples.values())).shape[:2]
+    flat = {k: v.reshape((num_chains * num_draws,) + v.shape[2:]) for k, v in samples.items()}
+    parts: dict[str, list[dict[str, torch.Tensor]]] = {"post": [], "ll": [], "pp": []}
+    total = num_chains * num_draws
+    with torch.no_grad():
+        for start in range(0, total, CHUNK):
+            chunk = {k: v[start:start + CHUNK] for k, v in flat.items()}
+            extra = batched.discrete_and_deterministic(chunk)
+            everything = {**chunk, **{k: v for k, v in extra.items()
+                                      if target.sites[k].kind == "discrete"}}
+            parts["post"].append(extra)
+            parts["ll"].append(batched.pointwise_log_likelihood(chunk))
+            parts["pp"].append(batched.predictive(everything))
+
+    def gather(key: str) -> dict[str, torch.Tensor]:
+        chunks = parts[key]
+        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+
+    shape = (num_chains, num_draws)
+    posterior = _numpy({**flat, **gather("post")}, shape)
+    posterior = {k: posterior[k] for k in target.sites if k in posterior}  # model order
+    if hasattr(model, "recover_latents"):
+        with torch.no_grad():
+            posterior.update(model.recover_latents(target.kwargs, posterior, seed))
+    if hasattr(model, "relabel"):
+        posterior = model.relabel(posterior)
+    dims = {name: list(site.dims) for name, site in target.sites.items()}
+    log_likelihood = _numpy(gather("ll"), shape)
+    constant = {
+        k: v.detach().cpu().numpy() for k, v in target.kwargs.items()
+        if isinstance(v, torch.Tensor) and not any(v is o for o in target.observed.values())
+    }
+    for k, v in constant.items():
+        dims.setdefault(k, [f"{k}_dim_{i}" for i in range(v.ndim)])
+    return Result(
+        posterior=posterior,
+        sample_stats=dict(sample_stats or {}),
+        log_likelihood=log_likelihood,
+        posterior_predictive=_numpy(gather("pp"), shape),
+        observed_data={k: v.cpu().numpy() for k, v in target.observed.items()},
+        constant_data=constant,
+        dims=dims,
+        coords={k: list(v) for k, v in target.coords.items()},
+        params=dict(params or {}),
+        losses=losses,
+        config=config,
+        model=model,
+    )
+

@@ -1,0 +1,9 @@
+"""Built-in models: Pyro model/guide pairs with data handling."""
+
+from latentkit.models.base import LatentModel
+from latentkit.models.gaussian_mixture import GaussianMixture
+
+__all__ = ["LatentModel", "GaussianMixture", "MODELS"]
+
+#: Built-in model classes by name, used to rebuild models from a run folder's config.json.
+MODELS: dict[str, type[LatentModel]] = {"GaussianMixture": GaussianMixture}

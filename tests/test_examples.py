@@ -1,0 +1,21 @@
+"""Every example runs with --smoke, and every example is listed here."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES_DIR = Path(__file__).parents[1] / "examples"
+EXAMPLES = ["eight_schools.py", "gmm_old_faithful.py"]
+
+
+def test_every_example_is_listed():
+    assert sorted(p.name for p in EXAMPLES_DIR.glob("*.py")) == sorted(EXAMPLES)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_runs(name, tmp_path):
+    out = subprocess.run([sys.executable, str(EXAMPLES_DIR / name), "--smoke"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
