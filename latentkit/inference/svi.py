@@ -12,12 +12,13 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, AutoNormal
+from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
 from latentkit.errors import ConfigError, InferenceError
 from latentkit.inference.base import parse_options, register_engine, seeded, versions
 from latentkit.inference.initialization import init_with_values
-from latentkit.inference.posterior import complete_result
+from latentkit.inference.posterior import CHUNK, complete_result
 from latentkit.inference.result import Result
 from latentkit.inference.target import Target, bind, model_config
 from latentkit.inference.vectorize import BatchedModel
@@ -119,18 +120,19 @@ class SVIEngine:
                 losses[step] = loss.item()
                 if step % 25 == 0 or step == opts.steps - 1:
                     bar.set_postfix(loss=f"{losses[step]:.4g}")
-            samples = _guide_draws(guide, target, opts.num_samples)
+            samples, log_q = _guide_draws(guide, target, opts.num_samples)
             fitted = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
             if isinstance(model, torch.nn.Module):
                 fitted.update({f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()})
             batched = BatchedModel(target)
+            stats = _importance_stats(batched, samples, log_q)
             config = {
                 "model": model_config(model),
                 "engine": {"name": self.name, "options": _jsonable(opts)},
                 "seed": seed,
                 "versions": versions(),
             }
-            return complete_result(target, batched, samples, model=model, params=fitted,
+            return complete_result(target, batched, samples, model=model, sample_stats=stats, params=fitted,
                                    losses=losses, config=config, seed=seed)
 
 
@@ -143,10 +145,14 @@ def _parameters(fn: Callable[..., Any]) -> set[str]:
         return set()
 
 
-def _guide_draws(guide: Callable[..., Any], target: Target, num_samples: int) -> dict[str, torch.Tensor]:
-    """``num_samples`` draws of the continuous latent sites from the guide, as one chain."""
+def _guide_draws(
+    guide: Callable[..., Any], target: Target, num_samples: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``num_samples`` draws of the continuous latent sites from the guide, as one chain, and the
+    guide's log density of each draw, ``(num_samples,)``."""
     latent = target.of_kind("latent")
     draws: dict[str, list[torch.Tensor]] = {k: [] for k in latent}
+    log_q = []
     with torch.no_grad():
         for _ in range(num_samples):
             trace = poutine.trace(guide).get_trace(**target.kwargs)
@@ -154,7 +160,22 @@ def _guide_draws(guide: Callable[..., Any], target: Target, num_samples: int) ->
                 if name not in trace.nodes:
                     raise ConfigError(f"guide: has no sample site {name!r} of the model.")
                 draws[name].append(trace.nodes[name]["value"].reshape(latent[name].shape))
-    return {k: torch.stack(v).unsqueeze(0) for k, v in draws.items()}
+            log_q.append(torch.as_tensor(prune_subsample_sites(trace).log_prob_sum()))
+    return {k: torch.stack(v).unsqueeze(0) for k, v in draws.items()}, torch.stack(log_q)
+
+
+def _importance_stats(
+    batched: BatchedModel, samples: dict[str, torch.Tensor], log_q: torch.Tensor
+) -> dict[str, np.ndarray]:
+    """Per-draw ``log_joint`` (model log density, discrete sites summed out) and ``log_q``
+    (guide log density), shape (1, num_samples): the importance ratios p/q behind the Pareto
+    k-hat check of the guide (Yao et al. 2018)."""
+    flat = {k: v[0] for k, v in samples.items()}
+    size = log_q.shape[0]
+    with torch.no_grad(), pyro.validation_enabled(False):
+        log_joint = torch.cat([batched.log_density({k: v[i:i + CHUNK] for k, v in flat.items()})
+                               for i in range(0, size, CHUNK)])
+    return {"log_joint": log_joint.detach().cpu().numpy()[None], "log_q": log_q.detach().cpu().numpy()[None]}
 
 
 def _jsonable(options: Any) -> dict[str, Any]:
