@@ -1,6 +1,7 @@
 """MCMC engines: vectorised multi-chain NUTS and HMC on any Pyro model."""
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +96,10 @@ class MCMCEngine:
                 )
         return torch.stack(points)
 
-    def fit(self, model: Any, data: Any, *, seed: int = 0, progress: bool = True) -> Result:
+    def fit(self, model: Any, data: Any, *, seed: int = 0, progress: bool = True,
+            should_stop: Callable[[int], bool] | None = None) -> Result:
+        """Run the chains; ``should_stop(iteration)`` may end them early, keeping the draws
+        completed so far (see :func:`~latentkit.inference.kernels.run_chains`)."""
         opts = self.options
         with seeded(seed, opts.device), pyro.validation_enabled(False):
             target = bind(model, data, opts.device)
@@ -109,7 +113,7 @@ class MCMCEngine:
                 num_samples=opts.num_samples, target_accept=opts.target_accept,
                 max_tree_depth=opts.max_tree_depth, num_steps=opts.num_steps,
                 trajectory_length=opts.trajectory_length, dense_mass=opts.dense_mass,
-                generator=generator, progress=progress,
+                generator=generator, progress=progress, should_stop=should_stop,
             )
             C, S, D = chains.samples.shape
             with torch.no_grad():

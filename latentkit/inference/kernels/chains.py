@@ -72,6 +72,7 @@ def run_chains(
     generator: torch.Generator,
     progress: bool = False,
     callback: Callable[[int, Info], None] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> Chains:
     """Warm up and run ``C`` chains of NUTS or static HMC in lock-step.
 
@@ -107,6 +108,9 @@ def run_chains(
         progress: whether to show a progress bar.
         callback: called as ``callback(iteration, info)`` after each warm-up and sampling
             iteration, iterations counted from 0 across both.
+        should_stop: asked as ``should_stop(iteration)`` after each iteration (counted as for
+            ``callback``); when it returns True the run ends there and the draws completed so
+            far are returned (none when it stops during warm-up).
 
     Returns:
         The draws, their statistics and the adapted step size and inverse mass matrix.
@@ -212,6 +216,9 @@ def run_chains(
             if callback is not None:
                 callback(iteration, info)
             bar.update()
+            if should_stop is not None and should_stop(iteration):
+                num_samples = 0
+                break
 
         bar.set_description("sample")
         samples = torch.empty(
@@ -233,6 +240,10 @@ def run_chains(
             if callback is not None:
                 callback(num_warmup + draw, info)
             bar.update()
+            if should_stop is not None and should_stop(num_warmup + draw) and draw + 1 < num_samples:
+                samples = samples[:, : draw + 1]
+                stats = {name: value[:, : draw + 1] for name, value in stats.items()}
+                break
     return Chains(samples, stats, step_sizes, metric.inverse_mass_matrix)
 
 
