@@ -45,7 +45,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
             kind = _flag_type(f.type)
             help_text = f"[{engines}] {f.metadata.get('help', '')} (default: {f.default})"
             if kind == "bool":
-                group.add_argument(flag, action="store_true", default=None, help=help_text)
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
                 group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
 
@@ -136,6 +136,10 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     print(report)
     written = write_plots(result, Path(args.dir) / "plots")
     print("\nplots: " + ", ".join(str(p) for p in written))
+    if args.html:
+        from latentkit.diagnostics import write_report
+
+        print(f"report: {write_report(result, Path(args.dir) / 'report.html')}")
     return 0 if report.passed else 1
 
 
@@ -187,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(fit)
     fit.set_defaults(run=cmd_fit)
 
-    diagnose = verbs.add_parser("diagnose", help="summary, checks and plots of a run folder")
+    diagnose = verbs.add_parser("diagnose", help="summary, checks and plots of a run folder; exit 1 if a check fails")
     diagnose.add_argument("dir", metavar="DIR", help="run folder")
+    diagnose.add_argument("--html", action="store_true", help="also write DIR/report.html, one self-contained file")
     diagnose.set_defaults(run=cmd_diagnose)
 
     sample = verbs.add_parser("sample", help="new data from a fitted model",

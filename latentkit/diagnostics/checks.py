@@ -1,6 +1,14 @@
-"""Convergence checks with verdicts, thresholds and reasons, computed by ArviZ."""
+"""Checks with verdicts, thresholds and plain-words reasons, computed by ArviZ where it can.
 
-from dataclasses import dataclass
+MCMC results get the convergence checks of Vehtari et al. (2021) and the sampler checks of
+Betancourt (2016); SVI results get an ELBO convergence check and the Pareto k-hat of the
+importance ratios p/q over the guide's draws (Yao et al. 2018), with PSIS-corrected posterior
+means when k-hat allows.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import arviz as az
 import numpy as np
@@ -8,7 +16,9 @@ import pandas as pd
 
 from latentkit.inference.result import Result
 
-__all__ = ["Check", "CheckReport", "check"]
+__all__ = ["Check", "CheckReport", "check", "elbo_window", "psis_means"]
+
+Verdict = Literal["pass", "warn", "fail"]
 
 #: Vehtari et al. (2021), "Rank-normalization, folding, and localization": R-hat < 1.01 and
 #: bulk/tail ESS of at least 100 per chain.
@@ -16,91 +26,231 @@ RHAT_MAX = 1.01
 ESS_PER_CHAIN = 100
 #: Betancourt (2016): E-BFMI below 0.3 indicates poor exploration of the energy distribution.
 BFMI_MIN = 0.3
-#: SVI: relative change of the mean loss between the last two windows of this share of steps.
+#: SVI: the final window is this share of the steps (at least ELBO_MIN_WINDOW steps); the loss has
+#: converged when the mean loss of the final window differs from the window before by less than
+#: ELBO_RTOL relative to the loss, or by less than twice the Monte Carlo error of that difference.
 ELBO_WINDOW = 0.1
+ELBO_MIN_WINDOW = 5
 ELBO_RTOL = 1e-3
+#: Yao et al. (2018), "Yes, but did it work?": k-hat <= 0.5 the guide is good, <= 0.7 usable with
+#: PSIS correction, > 0.7 the importance ratios have too heavy a tail to trust the guide.
+KHAT_GOOD, KHAT_MAX = 0.5, 0.7
 
 
 @dataclass(frozen=True)
 class Check:
+    """One check: its measured ``value``, the ``threshold`` it needs and the ``verdict``."""
+
     name: str
     value: float
     threshold: str
-    passed: bool
+    verdict: Verdict
     reason: str
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict != "fail"
 
 
 @dataclass(frozen=True)
 class CheckReport:
-    """The verdicts of :func:`check`: print it, or use :meth:`to_frame` / :meth:`to_dict`."""
+    """The verdicts of :func:`check`: print it, or use :meth:`to_frame` / :meth:`to_dict`.
+
+    Attributes:
+        checks: one :class:`Check` per test run.
+        engine: the engine that produced the result.
+        psis_means: for SVI with k-hat <= 0.7, PSIS-corrected posterior means by variable,
+            next to the plain guide means (``{"name": {"guide": [...], "psis": [...]}}``).
+    """
 
     checks: tuple[Check, ...]
+    engine: str = "unknown"
+    psis_means: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.checks)
 
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([c.__dict__ for c in self.checks])
+        rows = [{"check": c.name, "verdict": c.verdict, "value": c.value, "threshold": c.threshold,
+                 "reason": c.reason} for c in self.checks]
+        return pd.DataFrame(rows, columns=["check", "verdict", "value", "threshold", "reason"])
 
-    def to_dict(self) -> dict[str, dict[str, object]]:
-        return {c.name: {k: v for k, v in c.__dict__.items() if k != "name"} for c in self.checks}
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"passed", "engine", "checks": {name: {...}}, "psis_means"}``."""
+        return {
+            "passed": self.passed,
+            "engine": self.engine,
+            "checks": {c.name: {"verdict": c.verdict, "passed": c.passed, "value": _float(c.value),
+                                "threshold": c.threshold, "reason": c.reason} for c in self.checks},
+            "psis_means": self.psis_means,
+        }
 
     def __str__(self) -> str:
-        lines = []
+        lines = [f"checks ({self.engine}): {'all passed' if self.passed else 'FAILED'}"]
         for c in self.checks:
-            verdict = "ok  " if c.passed else "FAIL"
+            verdict = {"pass": "ok  ", "warn": "warn", "fail": "FAIL"}[c.verdict]
             lines.append(f"{verdict} {c.name:<22} {c.value:>10.4g}  (needs {c.threshold}): {c.reason}")
+        if self.psis_means:
+            lines.append("PSIS-corrected posterior means (guide mean -> corrected):")
+            for name, means in self.psis_means.items():
+                guide, psis = np.ravel(means["guide"]), np.ravel(means["psis"])
+                pairs = ", ".join(f"{g:.4g} -> {p:.4g}" for g, p in zip(guide[:6], psis[:6], strict=True))
+                lines.append(f"  {name}: {pairs}{' ...' if guide.size > 6 else ''}")
         return "\n".join(lines)
 
 
+def _float(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
 def _continuous(result: Result) -> list[str]:
-    return [k for k, v in result.posterior.items() if v.dtype.kind == "f" and v[0, 0].size <= 1000]
+    """Float posterior variables of moderate size with some spread (constant elements such as a
+    correlation factor's unit diagonal make every statistic NaN)."""
+    return [k for k, v in result.posterior.items()
+            if v.dtype.kind == "f" and v[0, 0].size <= 1000 and np.ptp(v, axis=(0, 1)).max(initial=0) > 0]
+
+
+def _worst(values: Any, pick: str) -> tuple[float, str]:
+    """The worst element of an ArviZ statistic Dataset and its label, e.g. ``theta[3]``."""
+    worst, label = (-math.inf if pick == "max" else math.inf), ""
+    for name, array in values.data_vars.items():
+        data = np.asarray(array.values, dtype=float)
+        if data.size == 0 or np.isnan(data).all():
+            continue
+        index = np.nanargmax(data) if pick == "max" else np.nanargmin(data)
+        value = float(data.ravel()[index])
+        if (pick == "max" and value > worst) or (pick == "min" and value < worst):
+            position = np.unravel_index(index, data.shape) if data.ndim else ()
+            worst, label = value, name + (f"[{','.join(map(str, position))}]" if position else "")
+    return worst, label
+
+
+def elbo_window(losses: np.ndarray) -> int:
+    """Steps in the final window of the ELBO convergence check."""
+    return max(int(len(losses) * ELBO_WINDOW), ELBO_MIN_WINDOW)
+
+
+def psis_means(result: Result) -> tuple[float, dict[str, dict[str, Any]]]:
+    """Pareto k-hat of the importance ratios p/q over an SVI result's guide draws and the
+    PSIS-corrected posterior means (computed whatever k-hat is; trust them only for k <= 0.7).
+
+    Uses ``az.psislw`` on ``log_joint - log_q`` from ``result.sample_stats``; guide draws are
+    independent, so the relative efficiency is 1.
+    """
+    stats = result.sample_stats
+    log_ratio = (np.asarray(stats["log_joint"]) - np.asarray(stats["log_q"])).reshape(-1)
+    log_weights, khat = az.psislw(log_ratio, reff=1.0)
+    weights = np.exp(log_weights - np.logaddexp.reduce(log_weights))
+    means = {}
+    for name in _continuous(result):
+        draws = result.posterior[name].reshape((-1,) + result.posterior[name].shape[2:])
+        means[name] = {"guide": draws.mean(0).tolist(), "psis": np.tensordot(weights, draws, axes=1).tolist()}
+    return float(khat), means
 
 
 def check(result: Result) -> CheckReport:
     """Run the checks that fit the engine that produced ``result``.
 
-    MCMC: rank-normalised split R-hat, bulk and tail ESS per chain, divergences, tree-depth
-    saturation, E-BFMI. SVI: ELBO convergence over the final window.
+    MCMC (several chains or sampler statistics): rank-normalised split R-hat < 1.01, bulk and
+    tail ESS >= 100 per chain, no divergent transitions, no draws at the maximum tree depth,
+    E-BFMI >= 0.3. SVI (a result with losses): ELBO convergence over the final window, and
+    Pareto k-hat <= 0.7 of log p - log q over the guide draws, with PSIS-corrected means.
+
+    Returns:
+        A :class:`CheckReport`; ``report.passed`` is False when any check fails.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> report = check(Result(posterior={"x": rng.normal(size=(4, 500))}))
+        >>> [(c.name, c.verdict) for c in report.checks]
+        [('r_hat', 'pass'), ('ess_bulk', 'pass'), ('ess_tail', 'pass')]
     """
     with np.errstate(invalid="ignore", divide="ignore"):  # constant elements give NaN
-        return CheckReport(tuple(_checks(result)))
+        checks, means = _checks(result)
+    return CheckReport(tuple(checks), engine=result.engine, psis_means=means)
 
 
-def _checks(result: Result) -> list[Check]:
-    checks = []
-    if result.sample_stats:
-        idata = result.to_arviz()
-        names = _continuous(result)
-        chains = result.num_chains
-        if chains > 1:
-            rhat = float(np.nanmax(az.rhat(idata, var_names=names).to_array().values))
-            checks.append(Check("r_hat", rhat, f"< {RHAT_MAX}", bool(rhat < RHAT_MAX),
-                                "chains agree" if rhat < RHAT_MAX else "chains disagree: run longer or reparameterise"))
-        for method in ("bulk", "tail"):
-            ess = float(np.nanmin(az.ess(idata, var_names=names, method=method).to_array().values))
-            need = ESS_PER_CHAIN * chains
-            checks.append(Check(f"ess_{method}", ess, f">= {need}", bool(ess >= need),
-                                "enough effective draws" if ess >= need else "too few effective draws: run longer"))
-        stats = result.sample_stats
-        if "diverging" in stats:
-            n = int(np.asarray(stats["diverging"]).sum())
-            checks.append(Check("divergences", n, "== 0", n == 0,
-                                "none" if n == 0 else "biased draws: raise target_accept or reparameterise"))
-        if "tree_depth" in stats and "max_tree_depth" in result.config.get("engine", {}).get("options", {}):
-            depth = result.config["engine"]["options"]["max_tree_depth"]
-            share = float((np.asarray(stats["tree_depth"]) >= depth).mean())
-            checks.append(Check("tree_depth_saturation", share, "== 0", share == 0,
-                                "none" if share == 0 else "trajectories cut short: raise max_tree_depth"))
-        if "energy" in stats:
-            bfmi = float(np.min(az.bfmi(idata)))
-            checks.append(Check("e_bfmi", bfmi, f">= {BFMI_MIN}", bool(bfmi >= BFMI_MIN),
-                                "energy explored" if bfmi >= BFMI_MIN else "heavy tails or poor adaptation"))
-    if result.losses is not None and len(result.losses) >= 20:
-        window = max(int(len(result.losses) * ELBO_WINDOW), 5)
-        last, before = result.losses[-window:].mean(), result.losses[-2 * window:-window].mean()
-        change = abs(last - before) / (abs(last) + 1e-12)
-        checks.append(Check("elbo_converged", change, f"< {ELBO_RTOL}", bool(change < ELBO_RTOL),
-                            "loss stable" if change < ELBO_RTOL else "loss still moving: run more steps"))
+def _checks(result: Result) -> tuple[list[Check], dict[str, dict[str, Any]]]:
+    if result.losses is not None:
+        return _svi_checks(result)
+    return _mcmc_checks(result), {}
+
+
+def _mcmc_checks(result: Result) -> list[Check]:
+    checks: list[Check] = []
+    idata = result.to_arviz()
+    names = _continuous(result)
+    chains = result.num_chains
+    if names and chains > 1:
+        rhat, where = _worst(az.rhat(idata, var_names=names), "max")
+        ok = rhat < RHAT_MAX
+        checks.append(Check("r_hat", rhat, f"< {RHAT_MAX}", "pass" if ok else "fail",
+                            "chains agree" if ok else
+                            f"chains disagree at {where}: run longer, reparameterise, or check for multiple modes"))
+    for method in ("bulk", "tail") if names else ():
+        ess, where = _worst(az.ess(idata, var_names=names, method=method), "min")
+        need = ESS_PER_CHAIN * chains
+        ok = ess >= need
+        checks.append(Check(f"ess_{method}", ess, f">= {need}", "pass" if ok else "fail",
+                            f"enough effective draws ({'centre' if method == 'bulk' else 'tails'})" if ok else
+                            f"too few effective draws at {where}: run more draws or reparameterise"))
+    stats = result.sample_stats
+    if "diverging" in stats:
+        n = int(np.asarray(stats["diverging"]).sum())
+        checks.append(Check("divergences", n, "== 0", "pass" if n == 0 else "fail",
+                            "none" if n == 0 else
+                            f"{n} divergent transitions bias the draws: raise target_accept or reparameterise"))
+    depth = result.config.get("engine", {}).get("options", {}).get("max_tree_depth")
+    if "tree_depth" in stats and depth is not None:
+        share = float((np.asarray(stats["tree_depth"]) >= depth).mean())
+        checks.append(Check("tree_depth_saturation", share, "== 0", "pass" if share == 0 else "fail",
+                            "none" if share == 0 else
+                            f"{share:.1%} of trajectories cut short at depth {depth}: raise max_tree_depth"))
+    if "energy" in stats:
+        bfmi = float(np.min(az.bfmi(idata)))
+        ok = bfmi >= BFMI_MIN
+        checks.append(Check("e_bfmi", bfmi, f">= {BFMI_MIN}", "pass" if ok else "fail",
+                            "energy explored" if ok else
+                            "the momentum resampling explores the energy poorly: heavy tails or poor adaptation"))
     return checks
+
+
+def _svi_checks(result: Result) -> tuple[list[Check], dict[str, dict[str, Any]]]:
+    checks: list[Check] = []
+    losses = np.asarray(result.losses, dtype=float)
+    window = elbo_window(losses)
+    if len(losses) >= 2 * window:
+        last, before = losses[-window:], losses[-2 * window:-window]
+        change = abs(last.mean() - before.mean())
+        relative = change / (abs(last.mean()) + 1e-12)
+        # Noise of the difference of two window means, from ArviZ's MCSE of each window treated
+        # as one chain (Adam's iterates are autocorrelated, so the plain standard error is too small).
+        noise = math.hypot(*(float(az.mcse(w[None, :], method="mean")) for w in (last, before)))
+        ok = relative < ELBO_RTOL or change < 2 * noise
+        checks.append(Check("elbo_converged", relative, f"< {ELBO_RTOL} or within noise",
+                            "pass" if ok else "fail",
+                            f"loss stable over the last {window} steps" if ok else
+                            f"loss still moving over the last {window} steps: run more steps or raise learning_rate"))
+    else:
+        checks.append(Check("elbo_converged", math.nan, f">= {2 * ELBO_MIN_WINDOW} steps", "fail",
+                            f"only {len(losses)} steps: too few to judge convergence"))
+    means: dict[str, dict[str, Any]] = {}
+    if {"log_joint", "log_q"} <= set(result.sample_stats):
+        names = _continuous(result)
+        if not names:
+            checks.append(Check("pareto_k", math.nan, f"<= {KHAT_MAX}", "warn",
+                                "the guide is a point estimate (no spread): k-hat does not apply"))
+        else:
+            khat, corrected = psis_means(result)
+            if khat <= KHAT_GOOD:
+                verdict, reason = "pass", "the guide fits the posterior well (importance ratios light-tailed)"
+            elif khat <= KHAT_MAX:
+                verdict, reason = "warn", "the guide is usable; prefer the PSIS-corrected means"
+            else:
+                verdict, reason = "fail", ("the guide misses posterior mass (heavy-tailed p/q): estimates are "
+                                           "unreliable; try guide='multivariate_normal', more steps, or NUTS")
+            if khat <= KHAT_MAX:
+                means = corrected
+            checks.append(Check("pareto_k", khat, f"<= {KHAT_MAX}", verdict, reason))
+    return checks, means

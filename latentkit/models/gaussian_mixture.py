@@ -10,9 +10,9 @@ import pyro.distributions as dist
 import torch
 from pyro.ops.indexing import Vindex
 from scipy.cluster.vq import kmeans2
-from scipy.optimize import linear_sum_assignment
 
 from latentkit.data import as_matrix
+from latentkit.diagnostics.relabel import relabel
 from latentkit.errors import ConfigError, DataError
 from latentkit.models.base import LatentModel
 
@@ -36,13 +36,15 @@ class GaussianMixture(LatentModel):
 
     Here mean(X) and sd(X) are the per-column mean and standard deviation of the data.
     Component labels are made consistent across draws and chains after fitting by matching
-    each draw's ``locs`` to a pivot (the Hungarian algorithm), so that R-hat and summaries are
-    about the same component.
+    each draw's ``locs`` to a pivot (the Hungarian algorithm, see
+    :func:`latentkit.diagnostics.relabel`), so that R-hat and summaries are about the same
+    component; ``relabel=False`` keeps the labels as sampled.
 
     Args:
         n_components: K >= 1.
         covariance: ``"full"`` or ``"diag"``.
         concentration: Dirichlet concentration of the weights' prior.
+        relabel: relabel components after fitting (default); False keeps the sampled labels.
 
     Shapes:
         data: (N, D) array or DataFrame of numeric columns.
@@ -54,7 +56,7 @@ class GaussianMixture(LatentModel):
     """
 
     def __init__(self, n_components: int = 2, covariance: Literal["full", "diag"] = "full",
-                 concentration: float = 1.0) -> None:
+                 concentration: float = 1.0, relabel: bool = True) -> None:
         super().__init__()
         if not isinstance(n_components, (int, np.integer)) or isinstance(n_components, bool) or n_components < 1:
             raise ConfigError(f"n_components: must be an integer >= 1, got {n_components!r}.")
@@ -65,8 +67,9 @@ class GaussianMixture(LatentModel):
         self.n_components = int(n_components)
         self.covariance = covariance
         self.concentration = float(concentration)
+        self.relabel_draws = bool(relabel)
         self.init_args = {"n_components": self.n_components, "covariance": covariance,
-                          "concentration": self.concentration}
+                          "concentration": self.concentration, "relabel": self.relabel_draws}
 
     # -- data ---------------------------------------------------------------------------------
     def prepare(self, data: Any) -> dict[str, Any]:
@@ -166,30 +169,11 @@ class GaussianMixture(LatentModel):
         relabelled draws; the cost of a match is the squared distance between standardised
         component means. ``assignment`` values are mapped through the same permutations.
         """
-        if self.n_components == 1 or "locs" not in posterior:
+        if self.n_components == 1 or "locs" not in posterior or not self.relabel_draws:
             return posterior
-        locs = posterior["locs"]  # (chain, draw, K, D)
-        C, S, K, _ = locs.shape
-        flat = locs.reshape(C * S, K, -1)
-        scale = flat.reshape(-1, flat.shape[-1]).std(0) + 1e-12
-        perms = np.tile(np.arange(K), (C * S, 1))
-        pivot = flat[:S].mean(0)
-        for _ in range(3):
-            for i in range(C * S):
-                cost = (((flat[i][:, None, :] - pivot[None, :, :]) / scale) ** 2).sum(-1)
-                rows, cols = linear_sum_assignment(cost)
-                perms[i, cols] = rows  # new label j takes old component perms[i, j]
-            pivot = np.take_along_axis(flat, perms[:, :, None], axis=1).mean(0)
-        out = dict(posterior)
-        for name in ("weights", "locs", "scales", "corr_cholesky", "scale_tril"):
-            if name in out:
-                array = out[name].reshape((C * S,) + out[name].shape[2:])
-                index = perms.reshape((C * S, K) + (1,) * (array.ndim - 2))
-                out[name] = np.take_along_axis(array, index, axis=1).reshape(out[name].shape)
-        if "assignment" in out:
-            inverse = np.argsort(perms, axis=1)  # old label -> new label
-            flat_assign = out["assignment"].reshape(C * S, -1)
-            out["assignment"] = np.take_along_axis(inverse, flat_assign, axis=1).reshape(out["assignment"].shape)
+        sites = ("weights", "locs", "scales", "corr_cholesky", "scale_tril")
+        out, _ = relabel(posterior, "locs", permute={k: 0 for k in sites if k in posterior},
+                         labels=[k for k in ("assignment",) if k in posterior])
         return out
 
     # -- new data -----------------------------------------------------------------------------------
