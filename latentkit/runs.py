@@ -8,12 +8,21 @@ Layout::
       params.safetensors  fitted parameters (constrained values by name)
       metrics.csv         loss and ELBO per step (SVI), or sampler statistics per draw (MCMC)
       plots/*.png         trace, rank, ELBO curve
+      checkpoint-*        optimisation checkpoints (see :mod:`latentkit.checkpoint`)
+
+A partial run (MCMC stopped by a signal) has ``"partial"`` in ``config.json`` with the draws kept.
 """
 
+import copy
+import dataclasses
+import inspect
 import json
 import os
+import signal
+import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +32,10 @@ import pandas as pd
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from latentkit.errors import RunFolderError
+from latentkit.errors import ConfigError, RunFolderError
 from latentkit.inference.result import Result
 
-__all__ = ["save_result", "load", "atomic_write"]
+__all__ = ["save_result", "load", "atomic_write", "fit_in_folder"]
 
 FILES = ("config.json", "inference.nc", "params.safetensors", "metrics.csv")
 GROUPS = ("posterior", "sample_stats", "log_likelihood", "posterior_predictive",
@@ -147,3 +156,105 @@ def load(path: str | Path, model: Any = None) -> Result:
         config=config,
         model=model if model is not None else _rebuild_model(config),
     )
+
+
+def fit_in_folder(
+    engine: Any,
+    model: Any,
+    data: Any,
+    *,
+    seed: int,
+    progress: bool,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    distributed: bool = False,
+) -> Result:
+    """Run ``engine.fit`` with a run folder, resumption, graceful stops and torchrun processes.
+
+    What :func:`latentkit.fit` does when given ``out``, ``resume`` or ``distributed``:
+
+    * engines whose ``fit`` takes ``run_dir`` (SVI) checkpoint into the folder; ``resume``
+      continues from the folder's checkpoint;
+    * while the fit runs, SIGINT/SIGTERM end it at the next step: SVI writes a checkpoint, MCMC
+      keeps the draws completed so far as a run folder marked ``"partial"`` in ``config.json``;
+      then :class:`~latentkit.interrupt.Interrupted` (exit code 130) or
+      :class:`~latentkit.interrupt.Terminated` (143) is raised after printing how to resume;
+    * ``distributed``: SVI becomes data-parallel, MCMC chains are spread over the processes;
+      only rank 0 writes the folder;
+    * the result is saved into the folder at the end.
+    """
+    from latentkit import distributed as dist_tools
+    from latentkit.interrupt import RunStopped, StopRequests, stopped
+
+    if resume is not None and out is not None and Path(out).resolve() != Path(resume).resolve():
+        raise ConfigError(f"out: a resumed run continues in its own folder {str(resume)!r}; drop out= "
+                          f"(got {str(out)!r}) or pass the same folder.")
+    folder = Path(resume if resume is not None else out) if (resume is not None or out is not None) else None
+    accepts = set(inspect.signature(engine.fit).parameters)
+    options = getattr(engine, "options", None)
+    fields = {f.name for f in dataclasses.fields(options)} if dataclasses.is_dataclass(options) else set()
+    name = getattr(engine, "name", type(engine).__name__)
+    chains_over_ranks = False
+    if distributed:
+        if "distributed" in fields:
+            engine = copy.copy(engine)
+            engine.options = dataclasses.replace(options, distributed=True)
+        elif "num_chains" in fields:
+            chains_over_ranks = True
+        else:
+            raise ConfigError(f"distributed: engine {name!r} cannot run on several processes; use 'svi', "
+                              "'nuts' or 'hmc', or drop distributed.")
+        context = dist_tools.setup(getattr(options, "device", None))
+    main = dist_tools.rank() == 0
+    if resume is not None and "resume" not in accepts:
+        raise ConfigError(f"resume: engine {name!r} writes no checkpoints, so its runs cannot be resumed; "
+                          "run the fit again instead.")
+    kwargs: dict[str, Any] = {}
+    if folder is not None and "run_dir" in accepts:
+        kwargs.update(run_dir=folder, resume=resume is not None)
+    stop = StopRequests() if folder is not None and "should_stop" in accepts and not chains_over_ranks else None
+    num_warmup = getattr(options, "num_warmup", None)
+    with stop if stop is not None else nullcontext():
+        if stop is not None:
+            kwargs["should_stop"] = stop if num_warmup is None else _draws_stop(stop, num_warmup)
+        try:
+            if chains_over_ranks:
+                result = dist_tools.fit_chains(engine, model, data, seed=seed, progress=progress, context=context)
+            else:
+                result = engine.fit(model, data, seed=seed, progress=progress, **kwargs)
+        except RunStopped as error:
+            if main:
+                print(f"latentkit: {error}", file=sys.stderr)
+            raise
+    num_samples = getattr(options, "num_samples", None)
+    if stop is not None and stop.signum is not None and num_samples and result.num_draws < num_samples:
+        signame = signal.Signals(stop.signum).name
+        partial = {"signal": signame, "draws": result.num_draws, "num_samples": num_samples}
+        result = dataclasses.replace(result, config={**result.config, "partial": partial})
+        assert folder is not None
+        save_result(result, folder)
+        message = (f"{signame}: stopped sampling after {result.num_draws} of {num_samples} draws of each of "
+                   f"{result.num_chains} chains (they advance together); kept as a partial run in "
+                   f"{str(folder)!r} (config.json: 'partial'). MCMC does not resume: run the fit again "
+                   "for all draws.")
+        print(f"latentkit: {message}", file=sys.stderr)
+        raise stopped(stop.signum, message, run_dir=str(folder), result=result)
+    if folder is not None and main:
+        save_result(result, folder)
+    return result
+
+
+def _draws_stop(stop: Any, num_warmup: int) -> Callable[[int], bool]:
+    """An MCMC ``should_stop``: stop after the current draw; during warm-up there is nothing to
+    keep, so stop at once."""
+    from latentkit.interrupt import stopped
+
+    def should_stop(iteration: int) -> bool:
+        if stop.signum is None:
+            return False
+        if iteration < num_warmup:
+            raise stopped(stop.signum, f"{signal.Signals(stop.signum).name}: stopped during warm-up "
+                          f"(iteration {iteration + 1} of {num_warmup}); no draws to keep. Run the fit again.")
+        return True
+
+    return should_stop

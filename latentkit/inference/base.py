@@ -5,6 +5,7 @@ import dataclasses
 import difflib
 import importlib.metadata
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -120,6 +121,9 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     device: str | torch.device | None = None,
+    out: str | Path | None = None,
+    resume: str | Path | None = None,
+    distributed: bool = False,
     **options: Any,
 ) -> Result:
     """Fit a model with any engine.
@@ -133,6 +137,14 @@ def fit(
         seed: makes a CPU run repeat exactly; the caller's random state is left untouched.
         progress: show a progress bar.
         device: e.g. ``"cuda"``; model and data are moved there.
+        out: a run folder: the result is saved there; SVI also writes checkpoints there
+            (options ``checkpoint_every``, ``checkpoint_seconds``). While the fit runs, SIGINT and
+            SIGTERM stop it after the current step (SVI: checkpoint; MCMC: the draws so far are
+            kept as a partial run) and raise :class:`~latentkit.interrupt.RunStopped`.
+        resume: the run folder of an interrupted SVI fit: continue from its checkpoint (same
+            model, data, seed and options); it ends as the uninterrupted run would have.
+        distributed: run on the processes started by ``torchrun``: data-parallel SVI, or MCMC
+            chains spread across ranks; only rank 0 writes ``out``.
         **options: engine options (see ``latentkit.inference.SVIOptions`` / ``MCMCOptions``);
             an unknown name raises :class:`~latentkit.errors.ConfigError`.
 
@@ -147,4 +159,9 @@ def fit(
     if device is not None:
         options["device"] = str(device)
     resolved = get_engine(engine, **options)
-    return resolved.fit(model, data, seed=seed, progress=progress)
+    if out is None and resume is None and not distributed:
+        return resolved.fit(model, data, seed=seed, progress=progress)
+    from latentkit.runs import fit_in_folder
+
+    return fit_in_folder(resolved, model, data, seed=seed, progress=progress, out=out, resume=resume,
+                         distributed=distributed)

@@ -1,9 +1,13 @@
 """Stochastic variational inference: any Pyro guide, enumeration handled automatically."""
 
 import dataclasses
+import hashlib
 import math
+import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +19,16 @@ from pyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, AutoNormal
 from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
+from latentkit import distributed
+from latentkit.checkpoint import (
+    Checkpoint,
+    capture_rng,
+    compare_fingerprints,
+    fork_host_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from latentkit.errors import ConfigError, InferenceError
 from latentkit.inference.base import parse_options, register_engine, seeded, versions
 from latentkit.inference.initialization import init_with_values
@@ -22,6 +36,7 @@ from latentkit.inference.posterior import CHUNK, complete_result
 from latentkit.inference.result import Result
 from latentkit.inference.target import Target, bind, model_config
 from latentkit.inference.vectorize import BatchedModel
+from latentkit.interrupt import stopped
 
 __all__ = ["SVIOptions", "SVIEngine"]
 
@@ -46,6 +61,18 @@ class SVIOptions:
         "choices": ("auto", "trace", "meanfield", "enum"),
         "help": "auto: TraceEnum_ELBO if the model enumerates, else Trace_ELBO"})
     device: str | None = field(default=None, metadata={"help": "torch device, e.g. cuda"})
+    # A GMM step takes ~2 ms and a checkpoint ~5 ms: 500 steps keep checkpoints under 1% of the run
+    # (benchmarks/distributed.py); the time limit bounds the work lost to a crash.
+    checkpoint_every: int = field(default=500, metadata={
+        "min": 1, "help": "with a run folder: write a checkpoint every this many steps"})
+    checkpoint_seconds: float = field(default=300.0, metadata={
+        "min": 0.0, "help": "with a run folder: and at least this often (seconds)"})
+    distributed: bool = field(default=False, metadata={
+        "help": "data-parallel over the processes started by torchrun (automatic under torchrun)"})
+
+
+#: Options that may change when a run is resumed.
+RESUMABLE = ("steps", "num_samples", "checkpoint_every", "checkpoint_seconds")
 
 
 def _hide_enumerated(msg: dict[str, Any]) -> bool:
@@ -81,45 +108,105 @@ class SVIEngine:
         return cls(num_particles=self.options.num_particles,
                    max_plate_nesting=target.max_plate_nesting)
 
-    def fit(self, model: Any, data: Any, *, seed: int = 0, progress: bool = True) -> Result:
+    def fit(self, model: Any, data: Any, *, seed: int = 0, progress: bool = True,
+            run_dir: str | Path | None = None, resume: bool = False,
+            should_stop: Callable[[int], bool] | None = None) -> Result:
+        """Fit the guide; with ``run_dir``, checkpoint there (and continue from it if ``resume``).
+
+        ``should_stop(step)`` is asked after each step; when True the run writes a checkpoint
+        and raises :class:`~latentkit.interrupt.RunStopped` (for the signal in
+        ``should_stop.signum`` if it has one, as :class:`~latentkit.interrupt.StopRequests` does).
+        """
         opts = self.options
-        device = opts.device
+        context = distributed.setup(opts.device) if opts.distributed else None
+        device = context.device if context is not None else opts.device
+        rank, world = (context.rank, context.world_size) if context is not None else (0, 1)
+        folder = Path(run_dir) if run_dir is not None else None
+        if resume and folder is None:
+            raise ConfigError("resume: needs the run folder (run_dir) of the interrupted fit.")
         losses = np.empty(opts.steps)
-        with seeded(seed, device), pyro.get_param_store().scope():
+        with seeded(seed, device), fork_host_rng(), pyro.get_param_store().scope():
             target = bind(model, data, device)
             train_kwargs = dict(target.kwargs)
-            if opts.batch_size is not None:
-                if "subsample_size" not in _parameters(target.fn):
-                    raise ConfigError(
-                        "batch_size: this model takes no 'subsample_size' argument; write its data "
-                        "plate as pyro.plate('data', N, subsample_size=subsample_size) or drop batch_size."
-                    )
-                train_kwargs["subsample_size"] = opts.batch_size
+            batches = None
+            if opts.batch_size is not None or context is not None:
+                batches = _minibatches(target, opts.batch_size, seed, rank, world)
+                train_kwargs["subsample_size"] = batches.local_size
             guide = self._guide(target, model, target.fn, seed)
             elbo = self._elbo(target)
+
+            def loss_at(step: int) -> torch.Tensor:
+                if batches is None:
+                    return elbo.differentiable_loss(target.fn, guide, **train_kwargs)
+                with distributed.fixed_subsample(batches, step):
+                    return elbo.differentiable_loss(target.fn, guide, **train_kwargs)
+
             with poutine.trace(param_only=True) as capture:
-                elbo.differentiable_loss(target.fn, guide, **train_kwargs)
-            params = [site["value"].unconstrained() for site in capture.trace.nodes.values()]
-            if isinstance(model, torch.nn.Module):
-                params += [p for p in model.parameters() if p.requires_grad]
-            params = list({id(p): p for p in params}.values())
+                loss_at(0)
+            named = _named_parameters(capture.trace, model)
+            params = list(named.values())
             if not params:
                 raise ConfigError("guide: has no parameters to optimise.")
+            if context is not None:
+                distributed.broadcast_parameters(params)
             optimizer = torch.optim.Adam(params, lr=opts.learning_rate)
-            bar = tqdm(range(opts.steps), disable=None if progress else True, desc="svi", unit="step")
+            state = _TrainingState(named, model, optimizer, losses, device)
+            fingerprint = {
+                "model": model_config(model),
+                "engine": self.name,
+                "options": {k: v for k, v in _jsonable(opts).items() if k not in RESUMABLE},
+                "seed": seed,
+                "world_size": world,
+                "data": _digest(target.kwargs),
+                "parameters": {name: list(p.shape) for name, p in named.items()},
+            }
+            start = 0
+            if resume:
+                assert folder is not None
+                checkpoint = load_checkpoint(folder)
+                compare_fingerprints(checkpoint.fingerprint, fingerprint, folder)
+                if checkpoint.step > opts.steps:
+                    raise ConfigError(f"steps: the checkpoint in {str(folder)!r} is at step {checkpoint.step}, "
+                                      f"beyond steps={opts.steps}; pass steps >= {checkpoint.step}.")
+                state.restore(checkpoint)
+                start = checkpoint.step
+            writes = folder is not None and rank == 0
+            last_write = time.monotonic()
+            bar = tqdm(range(start, opts.steps), initial=start, total=opts.steps, desc="svi", unit="step",
+                       disable=None if progress and rank == 0 else True)
             for step in bar:
                 optimizer.zero_grad()
-                loss = elbo.differentiable_loss(target.fn, guide, **train_kwargs)
-                if not torch.isfinite(loss):
+                loss = loss_at(step)
+                loss.backward()
+                value = float(loss.detach())
+                signum = _signal(should_stop, step)
+                if context is not None and batches is not None:
+                    sums = distributed.average_gradients(params, batches.weight, [
+                        value * batches.weight, signum == signal.SIGINT, signum == signal.SIGTERM])
+                    value = float(sums[0])
+                    signum = signal.SIGTERM if sums[2] > 0 else signal.SIGINT if sums[1] > 0 else None
+                if not math.isfinite(value):
                     raise InferenceError(
-                        f"loss: became {loss.item()} at step {step}; lower learning_rate "
+                        f"loss: became {value} at step {step}; lower learning_rate "
                         f"(now {opts.learning_rate}) or check the model's priors and data."
                     )
-                loss.backward()
                 optimizer.step()
-                losses[step] = loss.item()
-                if step % 25 == 0 or step == opts.steps - 1:
-                    bar.set_postfix(loss=f"{losses[step]:.4g}")
+                losses[step] = value
+                done = step + 1
+                if step % 25 == 0 or done == opts.steps:
+                    bar.set_postfix(loss=f"{value:.4g}")
+                if writes and (signum is not None or done % opts.checkpoint_every == 0 or done == opts.steps
+                               or time.monotonic() - last_write >= opts.checkpoint_seconds):
+                    assert folder is not None
+                    save_checkpoint(folder, state.checkpoint(done, fingerprint))
+                    last_write = time.monotonic()
+                if signum is not None and done < opts.steps:
+                    bar.close()
+                    where = (f"checkpoint written to {str(folder)!r}; resume with lk.fit(..., resume={str(folder)!r}) "
+                             f"or the same `latentkit fit` command with --resume {folder}"
+                             if folder is not None else "no run folder was given, so nothing was saved")
+                    raise stopped(signum, f"{signal.Signals(signum).name}: stopped SVI after step {done} of "
+                                  f"{opts.steps}; {where}.", run_dir=str(folder) if folder else None)
             samples, log_q = _guide_draws(guide, target, opts.num_samples)
             fitted = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
             if isinstance(model, torch.nn.Module):
@@ -134,6 +221,104 @@ class SVIEngine:
             }
             return complete_result(target, batched, samples, model=model, sample_stats=stats, params=fitted,
                                    losses=losses, config=config, seed=seed)
+
+
+def _minibatches(target: Target, batch_size: int | None, seed: int, rank: int, world: int) -> distributed.Minibatches:
+    """The minibatch (and, across processes, shard) indices of the model's subsampled data plate."""
+    if "subsample_size" not in _parameters(target.fn):
+        raise ConfigError(
+            "batch_size: this model takes no 'subsample_size' argument; write its data plate as "
+            "pyro.plate('data', N, subsample_size=subsample_size) or drop batch_size (and distributed)."
+        )
+    sizes = distributed.subsample_sizes(target.fn, target.kwargs)
+    if len(sizes) != 1:
+        raise ConfigError(
+            f"batch_size: the model subsamples {len(sizes)} plates of sizes {sorted(sizes)}; minibatches and "
+            "distributed SVI need exactly one data plate taking subsample_size."
+        )
+    return distributed.Minibatches(sizes.pop(), batch_size, seed=seed, rank=rank, world_size=world)
+
+
+def _signal(should_stop: Callable[[int], bool] | None, step: int) -> int | None:
+    if should_stop is None or not should_stop(step):
+        return None
+    return int(getattr(should_stop, "signum", None) or signal.SIGINT)
+
+
+def _named_parameters(trace: Any, model: Any) -> dict[str, torch.Tensor]:
+    """The optimised tensors by name: guide params (unconstrained) and the model's own weights."""
+    named = {f"param.{name}": site["value"].unconstrained() for name, site in trace.nodes.items()}
+    if isinstance(model, torch.nn.Module):
+        named.update({f"module.{name}": p for name, p in model.named_parameters() if p.requires_grad})
+    unique: dict[int, str] = {}
+    for name, tensor in named.items():
+        unique.setdefault(id(tensor), name)
+    return {name: named[name] for name in unique.values()}
+
+
+def _digest(kwargs: dict[str, Any]) -> dict[str, str]:
+    """A short description of each model argument; tensors by dtype, shape and SHA-256."""
+    out = {}
+    for key in sorted(kwargs):
+        value = kwargs[key]
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous()
+            digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+            out[key] = f"{str(data.dtype).removeprefix('torch.')}{list(data.shape)} sha256:{digest[:16]}"
+        else:
+            out[key] = repr(value)
+    return out
+
+
+class _TrainingState:
+    """Everything an SVI run needs to continue bit-identically, to and from a :class:`Checkpoint`."""
+
+    def __init__(self, named: dict[str, torch.Tensor], model: Any, optimizer: torch.optim.Optimizer,
+                 losses: np.ndarray, device: str | None) -> None:
+        self.named, self.model, self.optimizer, self.losses = named, model, optimizer, losses
+        self.cuda = [torch.device(device).index or 0] if device and torch.device(device).type == "cuda" else []
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        if not isinstance(self.model, torch.nn.Module):
+            return {}
+        return {f"buffer.{name}": b for name, b in self.model.named_buffers()}
+
+    def checkpoint(self, step: int, fingerprint: dict[str, Any]) -> Checkpoint:
+        tensors = {name: p.detach() for name, p in self.named.items()}
+        tensors.update(self._buffers())
+        tensors["losses"] = torch.from_numpy(self.losses[:step].copy())
+        optim = self.optimizer.state_dict()
+        extra: dict[str, dict[str, Any]] = {}
+        for index, entry in optim["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{index}.{key}"] = value
+                else:
+                    extra.setdefault(str(index), {})[key] = value
+        rng_tensors, rng_meta = capture_rng(self.cuda)
+        tensors.update(rng_tensors)
+        meta = {"parameters": list(self.named), "optimizer": {"param_groups": optim["param_groups"], "state": extra},
+                "rng": rng_meta}
+        return Checkpoint(step=step, tensors=tensors, meta=meta, fingerprint=fingerprint)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        tensors, meta = checkpoint.tensors, checkpoint.meta
+        with torch.no_grad():
+            for name, p in self.named.items():
+                p.copy_(tensors[name])
+            for name, b in self._buffers().items():
+                b.copy_(tensors[name])
+        state: dict[int, dict[str, Any]] = {}
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = value
+        for index, entry in meta["optimizer"]["state"].items():
+            state.setdefault(int(index), {}).update(entry)
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["optimizer"]["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.losses[:checkpoint.step] = tensors["losses"].numpy()
+        restore_rng(tensors, meta["rng"])
 
 
 def _parameters(fn: Callable[..., Any]) -> set[str]:
