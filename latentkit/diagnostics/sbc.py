@@ -114,8 +114,14 @@ def _latent_sites(trace: poutine.Trace, observed: set[str]) -> dict[str, np.ndar
 def _observed_arguments(fn: Any, kwargs: dict[str, Any], observed: Mapping[str, str] | None) -> dict[str, str]:
     """``{argument: site}`` for the observed sites: given, or the arguments set to None that
     name a sample site, or else each observed site matched to the argument holding its values."""
-    if observed is not None:
-        return dict(observed)
+    mapping = dict(observed) if observed is not None else _infer_observed(fn, kwargs)
+    if not mapping:
+        raise ConfigError("data: no observed site found; set the observed arguments to None, e.g. "
+                          "{'sigma': sigma, 'y': None}, or pass observed={'y': 'y'}.")
+    return mapping
+
+
+def _infer_observed(fn: Any, kwargs: dict[str, Any]) -> dict[str, str]:
     with torch.no_grad():
         trace = poutine.trace(fn).get_trace(**kwargs)
     sites = {n for n, node in trace.nodes.items() if node["type"] == "sample"}
@@ -123,7 +129,8 @@ def _observed_arguments(fn: Any, kwargs: dict[str, Any], observed: Mapping[str, 
     if mapping:
         return mapping
     for name, node in trace.nodes.items():
-        if node["type"] != "sample" or not node["is_observed"] or name.startswith("_"):
+        if node["type"] != "sample" or not node["is_observed"] or name.startswith("_") \
+                or node["infer"].get("_deterministic"):
             continue
         value = node["value"]
         match = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.shape == value.shape
@@ -132,9 +139,6 @@ def _observed_arguments(fn: Any, kwargs: dict[str, Any], observed: Mapping[str, 
             raise ConfigError(f"observed: cannot tell which argument feeds the observed site {name!r}; "
                               f"pass observed={{'argument': {name!r}}}.")
         mapping[match[0]] = name
-    if not mapping:
-        raise ConfigError("data: no observed site found; set the observed arguments to None, e.g. "
-                          "{'sigma': sigma, 'y': None}, or pass observed={'y': 'y'}.")
     return mapping
 
 
