@@ -1,6 +1,7 @@
 """The ``latentkit`` command: demo, fit, diagnose, sample.
 
-Exit codes: 0 success, 1 a fit or a check failed, 2 bad arguments or data.
+Exit codes: 0 success, 1 a fit or a check failed, 2 bad arguments or data, 130 / 143 a fit
+stopped by SIGINT / SIGTERM after saving its state (``fit --resume DIR`` continues an SVI run).
 Engine flags are generated from the engines' option dataclasses, so the command and the
 Python API cannot drift apart.
 """
@@ -38,7 +39,7 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     seen: set[str] = set()
     for engines, cls in (("svi", SVIOptions), ("nuts/hmc", MCMCOptions)):
         for f in dataclasses.fields(cls):
-            if f.name in seen or f.name == "device":
+            if f.name in seen or f.name in ("device", "distributed"):
                 continue
             seen.add(f.name)
             flag = "--" + f.name.replace("_", "-")
@@ -54,7 +55,7 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     from latentkit.inference.mcmc import MCMCOptions
     from latentkit.inference.svi import SVIOptions
 
-    names = {f.name for cls in (SVIOptions, MCMCOptions) for f in dataclasses.fields(cls)}
+    names = {f.name for cls in (SVIOptions, MCMCOptions) for f in dataclasses.fields(cls)} - {"distributed"}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
@@ -85,13 +86,13 @@ def _print_fit(result: Any, out: Path, var_names: list[str] | None = None) -> No
     print(f"\nrun folder: {out}")
 
 
-def _fit_gmm(data: Any, args: argparse.Namespace, engine: str, options: dict[str, Any], out: Path) -> Any:
+def _fit_gmm(data: Any, args: argparse.Namespace, engine: str, options: dict[str, Any], out: Path,
+             resume: str | None = None, distributed: bool = False) -> Any:
     import latentkit as lk
 
     model = lk.models.GaussianMixture(n_components=args.components, covariance=args.covariance)
-    result = lk.fit(model, data, engine=engine, seed=args.seed, progress=not args.no_progress, **options)
-    result.save(out)
-    return result
+    return lk.fit(model, data, engine=engine, seed=args.seed, progress=not args.no_progress,
+                  out=None if resume else out, resume=resume, distributed=distributed, **options)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -116,10 +117,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     if args.model not in MODELS:
         raise ConfigError(f"MODEL: unknown model {args.model!r}; choose one of {sorted(MODELS)}.")
+    from latentkit.distributed import launched_by_torchrun, rank
+
     data = _read_table(args.data, args.columns)
-    out = Path(args.out)
-    result = _fit_gmm(data, args, args.engine, _engine_options(args), out)
-    _print_fit(result, out)
+    if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise ConfigError(f"--out: --resume continues in its own folder {args.resume!r}; drop --out.")
+    out = Path(args.resume or args.out or "runs/fit")
+    distributed = args.distributed or launched_by_torchrun()
+    result = _fit_gmm(data, args, args.engine, _engine_options(args), out, args.resume, distributed)
+    if rank() == 0:
+        _print_fit(result, out)
     return 0
 
 
@@ -185,7 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--components", type=int, default=2, help="gmm: number of components")
     fit.add_argument("--covariance", choices=("full", "diag"), default="full", help="gmm: covariance")
     fit.add_argument("--engine", default="nuts", help="nuts, hmc or svi")
-    fit.add_argument("--out", default="runs/fit", help="run folder to write")
+    fit.add_argument("--out", default=None, help="run folder to write (default: runs/fit)")
+    fit.add_argument("--resume", default=None, metavar="DIR",
+                     help="continue the interrupted svi run in DIR (repeat the original command's options)")
+    fit.add_argument("--distributed", action="store_true",
+                     help="data-parallel svi / chains spread across processes; automatic under torchrun")
     fit.add_argument("--seed", type=int, default=0, help="random seed")
     fit.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_engine_flags(fit)
@@ -207,9 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from latentkit.interrupt import RunStopped
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except RunStopped as error:  # the fit printed how to resume
+        return error.exit_code
     except InferenceError as error:
         print(f"latentkit: fit failed: {error}", file=sys.stderr)
         return 1

@@ -232,7 +232,7 @@ def fit_in_folder(
         partial = {"signal": signame, "draws": result.num_draws, "num_samples": num_samples}
         result = dataclasses.replace(result, config={**result.config, "partial": partial})
         assert folder is not None
-        save_result(result, folder)
+        save_result(result, folder, plots=False)  # quickly: the process is being asked to end
         message = (f"{signame}: stopped sampling after {result.num_draws} of {num_samples} draws of each of "
                    f"{result.num_chains} chains (they advance together); kept as a partial run in "
                    f"{str(folder)!r} (config.json: 'partial'). MCMC does not resume: run the fit again "
