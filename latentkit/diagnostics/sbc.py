@@ -207,7 +207,9 @@ def sbc(
         engine: the engine under test, a registered name or an :class:`Engine` instance.
         n_simulations: simulated data sets.
         n_jobs: worker processes (spawned); 1 runs in this process. With more, ``model`` and
-            ``engine`` must pickle: a function at module level of an importable module.
+            ``engine`` must pickle (a function at module level of an importable module), a
+            script must call ``sbc`` under ``if __name__ == "__main__":``, and each worker pays
+            the import of latentkit once (seconds).
         num_rank_draws: posterior draws kept (evenly thinned) per fit; ranks take
             ``num_rank_draws + 1`` values.
         alpha: family-wise level of the uniformity tests (Bonferroni over parameters).

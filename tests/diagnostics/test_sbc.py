@@ -65,7 +65,7 @@ def analytic_guide(shrink):
 @pytest.mark.parametrize(("shrink", "uniform"), [(1.0, True), (0.4, False)])
 def test_sbc_with_svi_and_a_guide_of_shrunken_scale(shrink, uniform):
     result = sbc(conjugate, {"n": 5, "y": None}, engine="svi", n_simulations=60, seed=1,
-                 guide=analytic_guide(shrink), steps=5, learning_rate=0.001, num_samples=99)
+                 guide=analytic_guide(shrink), steps=5, learning_rate=0.001, num_samples=39, num_rank_draws=39)
     assert result.passed == uniform
 
 
