@@ -32,7 +32,7 @@ from pyro.poutine.util import site_is_subsample
 from latentkit.errors import ConfigError
 
 __all__ = ["Context", "setup", "launched_by_torchrun", "rank", "Minibatches", "subsample_sizes",
-           "fixed_subsample", "average_gradients", "broadcast_parameters", "fit_chains"]
+           "fixed_subsample", "average_gradients", "gather_rng", "broadcast_parameters", "fit_chains"]
 
 
 @dataclass(frozen=True)
@@ -182,6 +182,15 @@ def average_gradients(params: Sequence[torch.Tensor], weight: float, extras: Seq
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
     return flat[offset:].cpu()
+
+
+def gather_rng(cuda: list[int]) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """Every rank's random states (:func:`~latentkit.checkpoint.capture_rng`), in rank order."""
+    from latentkit.checkpoint import capture_rng
+
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, capture_rng(cuda))
+    return states
 
 
 def broadcast_parameters(params: Sequence[torch.Tensor]) -> None:

@@ -141,7 +141,10 @@ class SVIEngine:
                 with distributed.fixed_subsample(batches, step):
                     return elbo.differentiable_loss(target.fn, guide, **train_kwargs)
 
-            with poutine.trace(param_only=True) as capture:
+            cuda = [torch.device(device).index or 0] if device and torch.device(device).type == "cuda" else []
+            # Setting up the guide traces the model, drawing the local latent variables of the batch;
+            # their number depends on the shard size, so keep them out of the random stream.
+            with poutine.trace(param_only=True) as capture, torch.random.fork_rng(devices=cuda):
                 loss_at(0)
             named = _named_parameters(capture.trace, model)
             params = list(named.values())
@@ -150,7 +153,7 @@ class SVIEngine:
             if context is not None:
                 distributed.broadcast_parameters(params)
             optimizer = torch.optim.Adam(params, lr=opts.learning_rate)
-            state = _TrainingState(named, model, optimizer, losses, device)
+            state = _TrainingState(named, model, optimizer, losses, cuda, rank)
             fingerprint = {
                 "model": model_config(model),
                 "engine": self.name,
@@ -180,10 +183,13 @@ class SVIEngine:
                 loss.backward()
                 value = float(loss.detach())
                 signum = _signal(should_stop, step)
-                if context is not None and batches is not None:
+                done = step + 1
+                due = writes and (done % opts.checkpoint_every == 0 or done == opts.steps
+                                  or time.monotonic() - last_write >= opts.checkpoint_seconds)
+                if context is not None and batches is not None:  # one all-reduce: gradients, loss, decisions
                     sums = distributed.average_gradients(params, batches.weight, [
-                        value * batches.weight, signum == signal.SIGINT, signum == signal.SIGTERM])
-                    value = float(sums[0])
+                        value * batches.weight, signum == signal.SIGINT, signum == signal.SIGTERM, due])
+                    value, due = float(sums[0]), bool(sums[3] > 0)
                     signum = signal.SIGTERM if sums[2] > 0 else signal.SIGINT if sums[1] > 0 else None
                 if not math.isfinite(value):
                     raise InferenceError(
@@ -192,13 +198,12 @@ class SVIEngine:
                     )
                 optimizer.step()
                 losses[step] = value
-                done = step + 1
                 if step % 25 == 0 or done == opts.steps:
                     bar.set_postfix(loss=f"{value:.4g}")
-                if writes and (signum is not None or done % opts.checkpoint_every == 0 or done == opts.steps
-                               or time.monotonic() - last_write >= opts.checkpoint_seconds):
-                    assert folder is not None
-                    save_checkpoint(folder, state.checkpoint(done, fingerprint))
+                if folder is not None and (due or signum is not None):
+                    ranks = distributed.gather_rng(cuda) if context is not None else None
+                    if writes:
+                        save_checkpoint(folder, state.checkpoint(done, fingerprint, ranks))
                     last_write = time.monotonic()
                 if signum is not None and done < opts.steps:
                     bar.close()
@@ -274,16 +279,18 @@ class _TrainingState:
     """Everything an SVI run needs to continue bit-identically, to and from a :class:`Checkpoint`."""
 
     def __init__(self, named: dict[str, torch.Tensor], model: Any, optimizer: torch.optim.Optimizer,
-                 losses: np.ndarray, device: str | None) -> None:
+                 losses: np.ndarray, cuda: list[int], rank: int = 0) -> None:
         self.named, self.model, self.optimizer, self.losses = named, model, optimizer, losses
-        self.cuda = [torch.device(device).index or 0] if device and torch.device(device).type == "cuda" else []
+        self.cuda, self.rank = cuda, rank
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         if not isinstance(self.model, torch.nn.Module):
             return {}
         return {f"buffer.{name}": b for name, b in self.model.named_buffers()}
 
-    def checkpoint(self, step: int, fingerprint: dict[str, Any]) -> Checkpoint:
+    def checkpoint(self, step: int, fingerprint: dict[str, Any],
+                   ranks: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Checkpoint:
+        """The state after ``step`` steps; ``ranks``: every process's random states (distributed)."""
         tensors = {name: p.detach() for name, p in self.named.items()}
         tensors.update(self._buffers())
         tensors["losses"] = torch.from_numpy(self.losses[:step].copy())
@@ -295,10 +302,11 @@ class _TrainingState:
                     tensors[f"optim.{index}.{key}"] = value
                 else:
                     extra.setdefault(str(index), {})[key] = value
-        rng_tensors, rng_meta = capture_rng(self.cuda)
-        tensors.update(rng_tensors)
+        ranks = ranks or [capture_rng(self.cuda)]
+        for index, (rng_tensors, _) in enumerate(ranks):
+            tensors.update({name if index == 0 else f"{name}@{index}": t for name, t in rng_tensors.items()})
         meta = {"parameters": list(self.named), "optimizer": {"param_groups": optim["param_groups"], "state": extra},
-                "rng": rng_meta}
+                "rng": [rng_meta for _, rng_meta in ranks]}
         return Checkpoint(step=step, tensors=tensors, meta=meta, fingerprint=fingerprint)
 
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -318,7 +326,10 @@ class _TrainingState:
         groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["optimizer"]["param_groups"]]
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.losses[:checkpoint.step] = tensors["losses"].numpy()
-        restore_rng(tensors, meta["rng"])
+        suffix = f"@{self.rank}" if self.rank else ""
+        own = {name.removesuffix(suffix): t for name, t in tensors.items() if name.startswith("rng.")
+               and (name.endswith(suffix) if suffix else "@" not in name)}
+        restore_rng(own, meta["rng"][self.rank])
 
 
 def _parameters(fn: Callable[..., Any]) -> set[str]:
