@@ -72,7 +72,7 @@ def setup(device: str | None) -> Context:
         if missing:
             raise ConfigError(
                 f"distributed: no torch.distributed environment ({', '.join(missing)} unset); launch "
-                "the script with torchrun --nproc_per_node=N (see README, 'Many processes and machines')."
+                "the script with torchrun --nproc_per_node=N (see README, 'Long runs, many processes and machines')."
             )
         dist.init_process_group("nccl" if cuda else "gloo")
         atexit.register(_destroy)
