@@ -146,7 +146,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if args.html:
         from latentkit.diagnostics import write_report
 
-        print(f"report: {write_report(result, Path(args.dir) / 'report.html')}")
+        print(f"report: {write_report(result, Path(args.dir) / 'report.html', images=written)}")
     return 0 if report.passed else 1
 
 

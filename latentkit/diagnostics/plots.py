@@ -26,8 +26,9 @@ from scipy import stats as scipy_stats  # noqa: E402
 from latentkit.inference.result import Result  # noqa: E402
 from latentkit.runs import atomic_write  # noqa: E402
 
-__all__ = ["plot_trace", "plot_rank", "plot_pair", "plot_energy", "plot_elbo", "plot_ppc", "plot_loo_pit",
-           "plot_ppc_statistics", "plot_sbc_ranks", "write_plots", "save_figure"]
+__all__ = ["pair_names", "predictive_sites", "plot_trace", "plot_rank", "plot_pair",
+           "plot_energy", "plot_elbo", "plot_ppc", "plot_loo_pit",
+           "plot_ppc_statistics", "plot_sbc_ranks", "standard_plots", "write_plots", "save_figure", "CAPTIONS"]
 
 #: Plot at most this many variables, each at most this many elements, to keep figures legible.
 MAX_VARS, MAX_SIZE = 6, 12
@@ -71,19 +72,30 @@ def plot_rank(result: Result, var_names: list[str] | None = None) -> Figure:
     return _figure(az.plot_rank(result.to_arviz(), var_names=var_names or _var_names(result)))
 
 
+def pair_names(result: Result) -> list[str]:
+    """The first variables with at most :data:`MAX_PAIR` scalar elements in all."""
+    names, total = [], 0
+    for name in _var_names(result):
+        size = result.posterior[name][0, 0].size
+        if total + size <= MAX_PAIR:
+            names.append(name)
+            total += size
+    return names
+
+
 @_quiet
 def plot_pair(result: Result, var_names: list[str] | None = None) -> Figure:
-    """``az.plot_pair``: joint scatter of the chosen variables, divergences marked (MCMC)."""
-    if var_names is None:
-        var_names, total = [], 0
-        for name in _var_names(result):
-            size = result.posterior[name][0, 0].size
-            if total + size <= MAX_PAIR:
-                var_names.append(name)
-                total += size
+    """``az.plot_pair``: joint scatter of the chosen variables (two scalar elements at least),
+    divergences marked (MCMC)."""
     divergences = "diverging" in result.sample_stats
-    return _figure(az.plot_pair(result.to_arviz(), var_names=var_names, kind="scatter",
+    return _figure(az.plot_pair(result.to_arviz(), var_names=var_names or pair_names(result), kind="scatter",
                                 divergences=divergences, marginals=True))
+
+
+def predictive_sites(result: Result) -> list[str]:
+    """Observed sites with posterior predictive draws of the same shape (those that can be overlaid)."""
+    return sorted(k for k in set(result.posterior_predictive) & set(result.observed_data)
+                  if result.posterior_predictive[k].shape[2:] == np.shape(result.observed_data[k]))
 
 
 @_quiet
@@ -196,15 +208,25 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
-def write_plots(result: Result, folder: str | Path) -> list[Path]:
-    """Write every plot that applies to ``result`` as a PNG into ``folder``: trace, pair, rank,
-    energy (MCMC), ELBO (SVI), posterior predictive overlay and LOO-PIT; return the paths."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+#: What each standard plot shows, by file stem (``ppc_<site>`` and ``loo_pit_<site>`` share theirs).
+CAPTIONS = {
+    "trace": "Trace: marginal densities and draws per chain",
+    "pair": "Pair plot of the first scalar parameters (divergent transitions marked)",
+    "rank": "Rank plots: uniform when the chains mix",
+    "energy": "Energy: the two densities overlap when E-BFMI is healthy",
+    "elbo": "ELBO per step, and the last two windows compared by the convergence check",
+    "ppc": "Posterior predictive densities over the observed data",
+    "loo_pit": "LOO-PIT: the ECDF difference stays inside the band when the predictions are calibrated",
+}
+
+
+def standard_plots(result: Result) -> list[tuple[str, Callable[[], Figure]]]:
+    """``(file stem, make figure)`` for every standard plot that applies to ``result``."""
     names = _var_names(result)
     makers: list[tuple[str, Callable[[], Figure]]] = []
     if names:
         makers.append(("trace", lambda: plot_trace(result, names)))
+    if sum(result.posterior[k][0, 0].size for k in pair_names(result)) >= 2:
         makers.append(("pair", lambda: plot_pair(result)))
     if names and result.num_chains > 1:
         makers.append(("rank", lambda: plot_rank(result, names)))
@@ -212,10 +234,18 @@ def write_plots(result: Result, folder: str | Path) -> list[Path]:
         makers.append(("energy", lambda: plot_energy(result)))
     if result.losses is not None:
         makers.append(("elbo", lambda: plot_elbo(result)))
-    sites = sorted(set(result.posterior_predictive) & set(result.observed_data))
+    sites = predictive_sites(result)
     for site in sites:
         suffix = "" if len(sites) == 1 else f"_{site}"
         makers.append((f"ppc{suffix}", lambda site=site: plot_ppc(result, site)))
         if site in result.log_likelihood:
             makers.append((f"loo_pit{suffix}", lambda site=site: plot_loo_pit(result, site)))
-    return [save_figure(make(), folder / f"{name}.png") for name, make in makers]
+    return makers
+
+
+def write_plots(result: Result, folder: str | Path) -> list[Path]:
+    """Write every plot that applies to ``result`` as a PNG into ``folder``: trace, pair, rank,
+    energy (MCMC), ELBO (SVI), posterior predictive overlay and LOO-PIT; return the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [save_figure(make(), folder / f"{name}.png") for name, make in standard_plots(result)]

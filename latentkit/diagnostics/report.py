@@ -8,7 +8,7 @@ import base64
 import html
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -59,29 +59,25 @@ def _check_table(report: CheckReport) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _figures(result: Result) -> list[tuple[str, Callable[[], Figure]]]:
-    names = plots._var_names(result)
-    out: list[tuple[str, Callable[[], Figure]]] = []
-    if names:
-        out.append(("Trace: marginal densities and draws", lambda: plots.plot_trace(result, names)))
-        out.append(("Pair plot" + (" (divergences marked)" if "diverging" in result.sample_stats else ""),
-                    lambda: plots.plot_pair(result)))
-    if names and result.num_chains > 1:
-        out.append(("Rank plots: uniform when the chains mix", lambda: plots.plot_rank(result, names)))
-    if "energy" in result.sample_stats:
-        out.append(("Energy: the two densities overlap when E-BFMI is healthy", lambda: plots.plot_energy(result)))
-    if result.losses is not None:
-        out.append(("ELBO, with the windows compared by the convergence check", lambda: plots.plot_elbo(result)))
-    for site in sorted(set(result.posterior_predictive) & set(result.observed_data)):
-        out.append((f"Posterior predictive overlay of {site}", lambda site=site: plots.plot_ppc(result, site)))
-        if site in result.log_likelihood:
-            out.append((f"LOO-PIT of {site}: the ECDF difference stays in the band when calibrated",
-                        lambda site=site: plots.plot_loo_pit(result, site)))
-    return out
+def _caption(stem: str) -> str:
+    base = next((k for k in plots.CAPTIONS if stem == k or stem.startswith(k + "_")), stem)
+    site = stem[len(base) + 1:]
+    return plots.CAPTIONS.get(base, stem) + (f" ({site})" if site else "")
 
 
-def render_report(result: Result, title: str = "latentkit run") -> str:
-    """The report as one HTML string."""
+def _embed(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def render_report(result: Result, title: str = "latentkit run", images: Sequence[Path] | None = None) -> str:
+    """The report as one HTML string.
+
+    Args:
+        result: the fitted result.
+        title: the page title.
+        images: PNG files already drawn by :func:`~latentkit.diagnostics.plots.write_plots` (named by
+            their plot, e.g. ``trace.png``) to embed instead of drawing the standard plots again.
+    """
     from latentkit.diagnostics.ppc import ppc
 
     report = check(result)
@@ -98,17 +94,22 @@ def render_report(result: Result, title: str = "latentkit run") -> str:
     with pd.option_context("display.precision", 3):
         summary = result.summary().round(3)
     parts += ["<h2>Summary</h2>", summary.to_html(border=0)]
-    sites = sorted(set(result.posterior_predictive) & set(result.observed_data))
-    for site in sites:
+    for site in plots.predictive_sites(result):
         checks = ppc(result, var_name=site)
+        figure = _png(plots.plot_ppc_statistics(checks.table, checks.replicated))
         parts += [f"<h2>Posterior predictive checks of {html.escape(site)}</h2>",
-                  checks.table.round(4).to_html(border=0)]
+                  checks.table.round(4).to_html(border=0),
+                  f'<figure><img alt="test statistics of {html.escape(site)}" src="{figure}"><figcaption>Test '
+                  "statistics over the posterior predictive draws; the line: observed</figcaption></figure>"]
         if checks.pit_ks is not None:
             parts.append(f"<p>LOO-PIT against U(0, 1): KS statistic {checks.pit_ks[0]:.3f}, "
                          f"p = {checks.pit_ks[1]:.3g}</p>")
     parts.append("<h2>Plots</h2>")
-    for caption, make in _figures(result):
-        parts.append(f'<figure><img alt="{html.escape(caption)}" src="{_png(make())}">'
+    drawn = ([(p.stem, lambda p=p: _embed(p)) for p in images] if images is not None
+             else [(stem, lambda make=make: _png(make())) for stem, make in plots.standard_plots(result)])
+    for stem, source in drawn:
+        caption = _caption(stem)
+        parts.append(f'<figure><img alt="{html.escape(caption)}" src="{source()}">'
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     config = json.dumps(result.config, indent=2, default=str)
     parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(config)}</pre>"]
@@ -117,9 +118,10 @@ def render_report(result: Result, title: str = "latentkit run") -> str:
             f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
 
 
-def write_report(result: Result, path: str | Path, title: str | None = None) -> Path:
+def write_report(result: Result, path: str | Path, title: str | None = None,
+                 images: Sequence[Path] | None = None) -> Path:
     """Write :func:`render_report` to ``path`` (e.g. ``runs/gmm/report.html``) atomically."""
     path = Path(path)
-    text = render_report(result, title or f"latentkit run {path.parent.name}")
+    text = render_report(result, title or f"latentkit run {path.parent.name}", images)
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
     return path
