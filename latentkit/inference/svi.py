@@ -268,7 +268,7 @@ def _digest(kwargs: dict[str, Any]) -> dict[str, str]:
         value = kwargs[key]
         if isinstance(value, torch.Tensor):
             data = value.detach().cpu().contiguous()
-            digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+            digest = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
             out[key] = f"{str(data.dtype).removeprefix('torch.')}{list(data.shape)} sha256:{digest[:16]}"
         else:
             out[key] = repr(value)
