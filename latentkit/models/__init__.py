@@ -2,8 +2,14 @@
 
 from latentkit.models.base import LatentModel
 from latentkit.models.gaussian_mixture import GaussianMixture
+from latentkit.models.hmm import CategoricalHMM, GaussianHMM, PoissonHMM
 
-__all__ = ["LatentModel", "GaussianMixture", "MODELS"]
+__all__ = ["LatentModel", "GaussianMixture", "GaussianHMM", "CategoricalHMM", "PoissonHMM", "MODELS"]
 
 #: Built-in model classes by name, used to rebuild models from a run folder's config.json.
-MODELS: dict[str, type[LatentModel]] = {"GaussianMixture": GaussianMixture}
+MODELS: dict[str, type[LatentModel]] = {
+    "GaussianMixture": GaussianMixture,
+    "GaussianHMM": GaussianHMM,
+    "CategoricalHMM": CategoricalHMM,
+    "PoissonHMM": PoissonHMM,
+}
