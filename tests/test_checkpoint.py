@@ -233,3 +233,36 @@ def test_stop_requests_and_exit_codes():
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is handler
     assert issubclass(Interrupted, KeyboardInterrupt) and issubclass(Terminated, SystemExit)
+
+
+def test_sigint_in_process_then_resume(finished, tmp_path, monkeypatch):
+    _, result = finished
+    handler = signal.getsignal(signal.SIGINT)
+    original = StopRequests.__call__
+
+    def signal_at_step_25(self, step=None):
+        if step == 25:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, step)
+
+    monkeypatch.setattr(StopRequests, "__call__", signal_at_step_25)
+    with pytest.raises(Interrupted, match="SIGINT: stopped SVI after step 26 of 60") as stopped:
+        lk.fit(lk.models.GaussianMixture(2), X, out=tmp_path / "run", **OPTIONS)
+    assert stopped.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is handler
+    assert load_checkpoint(tmp_path / "run").step == 26
+    monkeypatch.undo()
+    assert lk.fit(lk.models.GaussianMixture(2), X, resume=tmp_path / "run", **OPTIONS) == result
+
+
+def test_command_line_resume_errors(finished, tmp_path, capsys):
+    from latentkit.cli import main
+
+    folder, _ = finished
+    X.to_csv(tmp_path / "data.csv", index=False)
+    base = ["fit", "gmm", "--data", str(tmp_path / "data.csv"), "--no-progress", "--resume", str(folder)]
+    assert main([*base, "--engine", "nuts"]) == 2
+    assert "resume: engine 'nuts' writes no checkpoints" in capsys.readouterr().err
+    assert main([*base, "--engine", "svi", "--out", str(tmp_path / "elsewhere")]) == 2
+    assert "--out: --resume continues in its own folder" in capsys.readouterr().err
+    assert main([*base, "--engine", "svi", "--steps", "60", "--seed", "5"]) == 2
+    assert "seed: 4 in the checkpoint, 5 now" in capsys.readouterr().err
