@@ -1,4 +1,5 @@
-"""torch.distributed: sharded minibatches, two gloo processes under torchrun against one process."""
+"""torch.distributed: sharded minibatches; two gloo processes under torchrun (fit, resume, MCMC, the command)
+against one process."""
 
 import json
 import os
@@ -29,6 +30,8 @@ SCRIPT = textwrap.dedent("""
     X = lk.datasets.load_old_faithful()
     svi = json.loads(sys.argv[2])
     lk.fit(lk.models.GaussianMixture(2), X, distributed=True, out=out + "/svi", **svi)
+    svi["steps"] += 10  # and continue from the last checkpoint, on both processes
+    lk.fit(lk.models.GaussianMixture(2), X, distributed=True, resume=out + "/svi", **svi)
 
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
@@ -82,7 +85,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     two = lk.load(tmp_path / "svi")
-    one = lk.fit(lk.models.GaussianMixture(2), X, **SVI)
+    one = lk.fit(lk.models.GaussianMixture(2), X, **{**SVI, "steps": SVI["steps"] + 10})
     assert two.params.keys() == one.params.keys()
     for name in one.params:  # the same global batches; only the order of the sums differs
         torch.testing.assert_close(two.params[name], one.params[name], rtol=1e-9, atol=1e-11)
