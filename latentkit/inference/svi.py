@@ -54,7 +54,8 @@ class SVIOptions:
         "help": "normal (AutoNormal), multivariate_normal, delta (MAP), or a Pyro guide callable"})
     num_particles: int = field(default=1, metadata={"min": 1, "help": "ELBO particles per step"})
     batch_size: int | None = field(default=None, metadata={
-        "min": 1, "help": "minibatch size (subsampled plate, ELBO scaled to the full data)"})
+        "min": 1, "help": "global minibatch size: reshuffled each epoch, shared out among distributed processes; "
+                          "subsampled plate, ELBO scaled to the full data"})
     num_samples: int = field(default=1000, metadata={"min": 1, "help": "posterior draws from the fitted guide"})
     init_scale: float = field(default=0.1, metadata={"min": 0.0, "help": "initial scale of normal guides"})
     elbo: str = field(default="auto", metadata={
