@@ -188,6 +188,9 @@ def _mcmc_checks(result: Result) -> list[Check]:
         checks.append(Check("r_hat", rhat, f"< {RHAT_MAX}", "pass" if ok else "fail",
                             "chains agree" if ok else
                             f"chains disagree at {where}: run longer, reparameterise, or check for multiple modes"))
+    elif names:  # ArviZ returns NaN: split R-hat needs two chains at least
+        checks.append(Check("r_hat", math.nan, "2 chains or more", "warn",
+                            "one chain: convergence cannot be judged across chains; run num_chains >= 2"))
     for method in ("bulk", "tail") if names else ():
         ess, where = _worst(az.ess(idata, var_names=names, method=method), "min")
         need = ESS_PER_CHAIN * chains

@@ -104,3 +104,8 @@ def test_point_estimate_gets_no_k_hat_verdict():
                  num_samples=20, progress=False)
     k = next(c for c in check(res).checks if c.name == "pareto_k")
     assert k.verdict == "warn" and np.isnan(k.value)
+
+
+def test_one_chain_gets_a_warning_instead_of_r_hat(rng):
+    result = verdicts(mcmc({"x": rng.normal(size=(1, 500))}))
+    assert result["r_hat"] == "warn" and result["ess_bulk"] == "pass"
