@@ -266,3 +266,35 @@ def test_command_line_resume_errors(finished, tmp_path, capsys):
     assert "--out: --resume continues in its own folder" in capsys.readouterr().err
     assert main([*base, "--engine", "svi", "--steps", "60", "--seed", "5"]) == 2
     assert "seed: 4 in the checkpoint, 5 now" in capsys.readouterr().err
+
+
+class _Regression(lk.models.base.LatentModel):
+    """A network weight (a module parameter, optimised with the guide) and a latent noise scale."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(2, 1)
+        self.init_args = {}
+
+    def prepare(self, data):
+        return {"X": torch.as_tensor(data[:, :2]), "y": torch.as_tensor(data[:, 2]), "subsample_size": None}
+
+    def model(self, X, y, subsample_size=None):
+        sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data", len(X), subsample_size=subsample_size) as index:
+            pyro.sample("obs", dist.Normal(self.net(X[index]).squeeze(-1), sigma), obs=y[index])
+
+
+def test_module_parameters_resume_bit_identical(tmp_path):
+    data = np.random.default_rng(0).normal(size=(100, 3))
+    options = {"engine": "svi", "num_samples": 5, "batch_size": 30, "seed": 1, "progress": False}
+
+    def fresh():
+        torch.manual_seed(0)  # the same initial network weights
+        return _Regression()
+
+    lk.fit(fresh(), data, steps=20, out=tmp_path / "run", **options)
+    resumed = lk.fit(fresh(), data, steps=30, resume=tmp_path / "run", **options)
+    uninterrupted = lk.fit(fresh(), data, steps=30, **options)
+    assert "model.net.weight" in resumed.params
+    assert resumed == uninterrupted
