@@ -5,7 +5,6 @@ import itertools
 
 import numpy as np
 import pandas as pd
-import pyro
 import pyro.distributions as dist
 import pytest
 import torch
@@ -246,26 +245,27 @@ def test_discrete_emissions_map_recover_parameters(family):
     assert (np.asarray(order)[model.decode(res, x)] == z).mean() > 0.85
 
 
-NUTS = {"engine": "nuts", "num_chains": 2, "num_warmup": 200, "num_samples": 200, "progress": False}
+NUTS = {"engine": "nuts", "num_chains": 2, "num_warmup": 150, "num_samples": 200, "progress": False}
 NUTS_SITES = {"gaussian": ("locs", GAUSS_LOCS), "poisson": ("rates", RATES), "categorical": ("emission", EMISSION)}
+_NUTS_FITS: dict = {}
 
 
-@pytest.fixture(scope="module")
-def nuts_fits():
-    """NUTS fits of each family to T = 300 steps (module-scoped: each fit runs once)."""
-    out = {}
-    for family in ("gaussian", "poisson", "categorical"):
+def nuts_fit(family: str):
+    """A NUTS fit of the family's model to T = 300 steps, run once per test session."""
+    if family not in _NUTS_FITS:
         x, _ = simulate(family, 300, seed=5)
         model = {"gaussian": lk.models.GaussianHMM(2), "poisson": lk.models.PoissonHMM(2),
                  "categorical": lk.models.CategoricalHMM(2, 3)}[family]
-        pyro.set_rng_seed(0)
-        out[family] = (x, lk.fit(model, x, seed=1, **NUTS))
-    return out
+        _NUTS_FITS[family] = (x, lk.fit(model, x, seed=1, **NUTS))
+    return _NUTS_FITS[family]
 
 
-@pytest.mark.parametrize("family", ["gaussian", "poisson", "categorical"])
-def test_nuts_recovers_parameters_with_consistent_labels(nuts_fits, family):
-    x, res = nuts_fits[family]
+# One NUTS fit takes ~20-60 s on a shared 2-core machine: the Gaussian family always runs,
+# the other two behind the ``slow`` marker (they run in the full suite, skip with -m "not slow").
+@pytest.mark.parametrize("family", ["gaussian", pytest.param("poisson", marks=pytest.mark.slow),
+                                    pytest.param("categorical", marks=pytest.mark.slow)])
+def test_nuts_recovers_parameters_with_consistent_labels(family):
+    x, res = nuts_fit(family)
     name, truth = NUTS_SITES[family]
     summary = res.summary(var_names=[name, "transition"])
     # Labels agree across chains (relabelling), so R-hat is meaningful.
@@ -278,12 +278,12 @@ def test_nuts_recovers_parameters_with_consistent_labels(nuts_fits, family):
     # The truth is one draw from (about) the posterior: within 4 posterior sd of its mean
     # (probability 0.9999 per parameter), plus the Monte Carlo error of the mean.
     assert np.all(np.abs(mean - truth) < 4 * sd + 5 * mcse)
-    trans = res.posterior["transition"].reshape(-1, 2, 2).mean(0)[np.ix_(order, order)]
-    assert np.all(np.abs(trans - TRANSITION) < 4 * res.posterior["transition"].reshape(-1, 2, 2).std(0) + 0.02)
+    trans = res.posterior["transition"].reshape(-1, 2, 2)
+    assert np.all(np.abs(trans.mean(0)[np.ix_(order, order)] - TRANSITION) < 4 * trans.std(0) + 0.02)
 
 
-def test_nuts_result_groups_and_states(nuts_fits):
-    x, res = nuts_fits["gaussian"]
+def test_nuts_result_groups_and_states():
+    x, res = nuts_fit("gaussian")
     idata = res.to_arviz()
     assert idata.log_likelihood["obs"].dims == ("chain", "draw", "sequence")
     assert idata.posterior["transition"].dims == ("chain", "draw", "state", "state_next")
@@ -302,16 +302,19 @@ def test_nuts_result_groups_and_states(nuts_fits):
     assert filtered.shape == (300, 2) and np.allclose(filtered[-1], smooth[-1])
 
 
-def test_sample_and_forecast(nuts_fits):
-    x, res = nuts_fits["poisson"]
+def test_sample_and_forecast():
+    x, res = nuts_fit("gaussian")
     model = res.model
     new, states = model.sample(5000, result=res, seed=1, return_states=True)
-    assert new.shape == (5000,) and states.shape == (5000,)
-    # The stationary mean of the chain: 1/3 of the time in the rate-3 state, 2/3 at rate 12.
-    assert abs(new.mean() - (RATES[0] / 3 + 2 * RATES[1] / 3)) < 1.5
+    assert new.shape == (5000, 1) and states.shape == (5000,)
+    # The chain spends 2/3 of the time in state 0 (mean -1) and 1/3 in state 1 (mean 2): the
+    # stationary mean is 0; with mean sojourns of 20 and 10 steps, 5000 steps give sd ~ 0.15.
+    assert abs(new.mean()) < 0.6
     forecast = model.forecast(res, x, horizon=10, num_draws=50, seed=0)
-    assert forecast.obs.shape == (50, 10) and forecast.states.shape == (50, 10)
-    assert np.all(forecast.obs >= 0)
+    assert forecast.obs.shape == (50, 10, 1) and forecast.states.shape == (50, 10)
+    # One step ahead, the forecast stays in the last step's state with probability >= 0.9.
+    last = model.smooth(res, x)[-1].argmax()
+    assert (forecast.states[:, 0] == last).mean() > 0.7
 
 
 # -- data handling -----------------------------------------------------------------------------------
