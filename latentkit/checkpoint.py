@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from latentkit.errors import ConfigError, RunFolderError
-from latentkit.runs import atomic_write
+from latentkit.runs import atomic_write, fsync_directory
 
 __all__ = ["Checkpoint", "CheckpointWarning", "save_checkpoint", "load_checkpoint", "has_checkpoint",
            "capture_rng", "restore_rng", "fork_host_rng", "compare_fingerprints", "FORMAT"]
@@ -109,6 +109,7 @@ def save_checkpoint(folder: str | Path, checkpoint: Checkpoint) -> Path:
         if latest.is_file() and _record_names(latest) != name:
             latest.replace(folder / PREVIOUS)
         upcoming.replace(latest)
+        fsync_directory(folder)
     except OSError as error:
         raise RunFolderError(
             f"run_dir: could not write a checkpoint into {str(folder)!r} ({error.strerror or error}); "

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from latentkit.errors import ConfigError, RunFolderError
 from latentkit.inference.result import Result
 
-__all__ = ["save_result", "load", "atomic_write", "fit_in_folder"]
+__all__ = ["save_result", "load", "atomic_write", "fsync_directory", "fit_in_folder"]
 
 FILES = ("config.json", "inference.nc", "params.safetensors", "metrics.csv")
 GROUPS = ("posterior", "sample_stats", "log_likelihood", "posterior_predictive",
@@ -44,7 +44,7 @@ GROUPS = ("posterior", "sample_stats", "log_likelihood", "posterior_predictive",
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over
-    ``path``: readers see the old file or the new one, never half of one."""
+    ``path`` (and fsync the folder): readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -54,9 +54,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make renames inside ``folder`` durable (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _metrics(result: Result) -> pd.DataFrame:
