@@ -67,11 +67,13 @@ def log_likelihood(log_init: torch.Tensor, log_trans: torch.Tensor, obs_logp: to
     if T > 1:
         trans = log_trans.exp()
         n = T - 1
-        length = min(math.isqrt(2 * n - 1) + 1, n)  # ceil(sqrt(2n)): stage 1 costs about half of stage 2
-        blocks = n // length
+        # About sqrt(2n) steps per block (a stage-1 step costs about half a stage-2 step), the
+        # length chosen so that fewer than `blocks` steps are left over for the tail.
+        blocks = -(-n // min(math.isqrt(2 * n - 1) + 1, n))
+        length = n // blocks
         rest = factors[..., 1:, :].expand(batch + (n, K))
         steps = rest[..., : blocks * length, :].reshape(batch + (blocks, length, K)).unbind(-2)
-        tail = rest[..., blocks * length:, :].unbind(-2)  # fewer than `length` steps, done one by one
+        tail = rest[..., blocks * length:, :].unbind(-2)  # fewer than `blocks` steps, done one by one
         # Stage 1: the product of each block's step matrices trans @ diag(factor_t), all blocks
         # at once, rows rescaled to maximum 1 (scales kept in log space). A row's maximum shrinks
         # by at most the smallest transition probability per step, so in float64 rescaling every
