@@ -15,6 +15,8 @@ import latentkit as lk
 def main(args: argparse.Namespace) -> None:
     data = lk.datasets.load_old_faithful()
     draws = 100 if args.smoke else 1000
+    # A third component that the data hardly supports makes long trajectories; a smoke run caps them.
+    tree = {"max_tree_depth": 5} if args.smoke else {}
     steps = 200 if args.smoke else 2000
     out = Path(args.out)
     fits = {}
@@ -24,7 +26,7 @@ def main(args: argparse.Namespace) -> None:
                      num_samples=1, seed=args.seed, progress=not args.smoke)
         print(f"K={k} MAP locs:\n{svi.posterior['locs'][0, 0].round(2)}")
         nuts = lk.fit(gmm, data, engine="nuts", num_warmup=draws, num_samples=draws,
-                      num_chains=4, seed=args.seed, progress=not args.smoke)
+                      num_chains=4, seed=args.seed, progress=not args.smoke, **tree)
         nuts.save(out / f"gmm{k}", plots=not args.smoke)
         print(lk.diagnostics.check(nuts))
         fits[f"gmm-{k}"] = nuts.to_arviz()

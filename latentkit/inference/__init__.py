@@ -2,8 +2,9 @@
 
 from latentkit.inference.base import Engine, engine_names, fit, get_engine, register_engine
 from latentkit.inference.mcmc import MCMCEngine, MCMCOptions
+from latentkit.inference.pyro_nuts import PyroNUTSEngine
 from latentkit.inference.result import Result
 from latentkit.inference.svi import SVIEngine, SVIOptions
 
-__all__ = ["Engine", "MCMCEngine", "MCMCOptions", "Result", "SVIEngine", "SVIOptions", "engine_names", "fit",
-           "get_engine", "register_engine"]
+__all__ = ["Engine", "MCMCEngine", "MCMCOptions", "PyroNUTSEngine", "Result", "SVIEngine", "SVIOptions",
+           "engine_names", "fit", "get_engine", "register_engine"]

@@ -44,6 +44,8 @@ class MCMCOptions:
         "choices": ("model", "uniform", "median"),
         "help": "model (built-in starting points, else uniform), uniform (-2, 2) unconstrained, median, "
                 "or a dict of values"})
+    jit: bool = field(default=True, metadata={
+        "help": "trace the potential with torch.jit (checked against the eager model; falls back to it)"})
     device: str | None = field(default=None, metadata={"help": "torch device, e.g. cuda"})
 
 
@@ -107,6 +109,8 @@ class MCMCEngine:
             potential = Potential(target, batched)
             z0 = self._initial_points(target, model, potential, seed)
             batched.check_vectorization(potential.constrain(z0)[0])
+            if opts.jit:
+                potential.compile(z0)
             generator = torch.Generator(device=z0.device).manual_seed(seed)
             chains = run_chains(
                 potential, z0, algorithm=self.name, num_warmup=opts.num_warmup,
@@ -128,6 +132,7 @@ class MCMCEngine:
                 "seed": seed,
                 "versions": versions(),
                 "vectorized": bool(batched.vectorized),
+                "jit": potential.compiled is not None,
             }
             return complete_result(target, batched, samples, model=model, sample_stats=stats,
                                    config=config, seed=seed)

@@ -158,7 +158,8 @@ class BatchedModel:
         size = next(iter(values.values())).shape[0] if values else 1
         if self.vectorized is None:
             self.check_vectorization(values)
-        if self.vectorized:
+        # A batch plate of size 1 is broadcast away in enumerated terms; one value needs no plate.
+        if self.vectorized and size > 1:
             return run(self._expand(values), size)
         parts = [run({k: v[i] for k, v in values.items()}, None) for i in range(size)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

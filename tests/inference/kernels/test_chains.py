@@ -216,7 +216,7 @@ def test_results_shapes_dtypes_and_lp():
     assert chains.inverse_mass_matrix.shape == (3, 2)
 
 
-def test_without_adaptation_the_given_step_size_and_unit_metric_are_kept(capsys):
+def test_without_adaptation_the_given_step_size_and_unit_metric_are_kept():
     def potential(position):
         return 0.5 * (position**2).sum(-1), position
 
@@ -236,7 +236,6 @@ def test_without_adaptation_the_given_step_size_and_unit_metric_are_kept(capsys)
     assert (chains.stats["step_size"] == 0.3).all()
     assert (chains.stats["n_steps"] == 4).all()
     assert torch.equal(chains.inverse_mass_matrix, torch.ones(2, 2))
-    assert "sample" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
