@@ -269,9 +269,13 @@ def sbc(
         with concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=context, initializer=_worker_init,
                                                     initargs=(dtype,)) as pool:
             futures = {pool.submit(_run_one, *task): i for i, task in enumerate(tasks)}
-            for future in concurrent.futures.as_completed(futures):
-                outcomes[futures[future]] = future.result()
-                bar.update()
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    outcomes[futures[future]] = future.result()
+                    bar.update()
+            except BaseException:  # a failed fit or Ctrl-C: drop the simulations not started yet
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     bar.close()
     ranks = pd.DataFrame([o[0] for o in outcomes])
     num_ranks = num_rank_draws + 1
