@@ -29,6 +29,9 @@ from pyro.distributions.util import broadcast_shape
 
 #: Stage-1 rows of :func:`log_likelihood` are rescaled every this many steps in float64.
 RESCALE_EVERY = 4
+#: Sequences up to this length use pairwise products, longer ones the blocked scan (measured
+#: crossover on one CPU core: pairwise is ~2x faster at T <= 2,000, slower beyond ~10^5).
+TREE_MAX_STEPS = 4096
 
 __all__ = ["HMMSequence", "log_likelihood", "filter_log_marginals", "smooth_log_marginals",
            "viterbi", "sample_states", "sample_chain"]
@@ -64,6 +67,8 @@ def log_likelihood(log_init: torch.Tensor, log_trans: torch.Tensor, obs_logp: to
     first_max = first.detach().amax(-1, keepdim=True).clamp(min=torch.finfo(first.dtype).min)
     alpha = (first - first_max).exp().expand(batch + (K,))
     log_scale = log_scale + first_max.squeeze(-1)
+    if 1 < T <= TREE_MAX_STEPS:
+        return log_scale + _pairwise(first - first_max, log_trans.exp(), factors[..., 1:, :], batch)
     if T > 1:
         trans = log_trans.exp()
         n = T - 1
@@ -107,6 +112,44 @@ def log_likelihood(log_init: torch.Tensor, log_trans: torch.Tensor, obs_logp: to
             norms.append(norm)
         log_scale = log_scale + torch.cat(norms, -1).log().sum(-1)
     return log_scale + alpha.sum(-1).log()
+
+
+def _pairwise(first: torch.Tensor, trans: torch.Tensor, factors: torch.Tensor, batch: torch.Size) -> torch.Tensor:
+    """log of first.exp() @ M_1 @ ... @ M_n @ 1 with M_t = trans @ diag(factors_t), by multiplying
+    neighbouring matrices pairwise (log2(n) rounds, as Pyro's DiscreteHMM) in probability space,
+    rows rescaled to maximum 1 each round with their log scales carried along.
+
+    Fewer, larger tensor operations than the blocked scan: faster for short sequences, where
+    the per-operation overhead dominates (NUTS on T <= a few thousand).
+    """
+    K = trans.shape[-1]
+    tiny = torch.finfo(factors.dtype).tiny
+    matrices = (trans.unsqueeze(-3) * factors.unsqueeze(-2)).expand(batch + factors.shape[-2:] + (K,))
+    scales: torch.Tensor | None = None  # (..., m, K) log row scales; None while all zero
+    while matrices.shape[-3] > 1:
+        m = matrices.shape[-3]
+        even = m // 2 * 2
+        left, right = matrices[..., :even, :, :].reshape(batch + (even // 2, 2, K, K)).unbind(-3)
+        if scales is None:
+            product, base = left @ right, 0.0
+        else:
+            left_scale, right_scale = scales[..., :even, :].reshape(batch + (even // 2, 2, K)).unbind(-2)
+            top = right_scale.amax(-1, keepdim=True)
+            # diag(e^a) L diag(e^b) R = diag(e^(a + max b)) (L diag(e^(b - max b))) R
+            product = (left * (right_scale - top).exp().unsqueeze(-2)) @ right
+            base = left_scale + top
+        norm = product.detach().amax(-1, keepdim=True).clamp(min=tiny)
+        product = product / norm
+        new_scales = base + norm.squeeze(-1).log()
+        if m > even:
+            odd = matrices.new_zeros(batch + (1, K)) if scales is None else scales[..., -1:, :]
+            product = torch.cat([product, matrices[..., -1:, :, :]], -3)
+            new_scales = torch.cat([new_scales.expand(batch + (even // 2, K)), odd], -2)
+        matrices, scales = product, new_scales
+    rows = matrices.squeeze(-3).sum(-1).log()
+    if scales is not None:
+        rows = rows + scales.squeeze(-2)
+    return (first + rows).logsumexp(-1)
 
 
 # -- log-space scans for posterior quantities (no gradients needed) ------------------------------

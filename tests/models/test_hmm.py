@@ -85,6 +85,27 @@ def test_gradient_matches_autograd_of_brute_force(tiny):
         assert torch.allclose(a, b, atol=1e-9)
 
 
+@pytest.mark.parametrize("T", [2, 3, 17, 300])
+def test_pairwise_and_blocked_forward_agree(T, monkeypatch):
+    """Short sequences use pairwise products, long ones the blocked scan: same value and gradient,
+    with padding, and equal to the log-space filter's normaliser."""
+    g = torch.Generator().manual_seed(T)
+    args = [torch.randn(2, 3, generator=g).log_softmax(-1), torch.randn(2, 3, 3, generator=g).log_softmax(-1),
+            torch.randn(2, T, 3, generator=g) * 3]
+    mask = torch.arange(T) < torch.tensor([[T], [max(T // 2, 1)]])
+    results = []
+    for limit in (hmm_ops.TREE_MAX_STEPS, 0):
+        monkeypatch.setattr(hmm_ops, "TREE_MAX_STEPS", limit)
+        leaves = [a.clone().requires_grad_(True) for a in args]
+        value = hmm_ops.log_likelihood(*leaves, mask)
+        results.append((value, torch.autograd.grad(value.sum(), leaves)))
+    (v1, g1), (v2, g2) = results
+    assert torch.allclose(v1, v2, atol=1e-9)
+    assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(g1, g2, strict=True))
+    alpha = hmm_ops._scan(args[0] + args[2][..., 0, :], hmm_ops._step_matrices(args[1], args[2], mask), "sum")
+    assert torch.allclose(v1, alpha[..., -1, :].logsumexp(-1), atol=1e-9)
+
+
 def test_viterbi_and_marginals_match_brute_force(tiny):
     log_init, log_trans, _, _, _, obs_logp = tiny
     joint, paths = brute_force(log_init, log_trans, obs_logp)
