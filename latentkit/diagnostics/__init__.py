@@ -9,7 +9,9 @@ from latentkit.diagnostics.plots import (
     plot_loo_pit,
     plot_pair,
     plot_ppc,
+    plot_ppc_statistics,
     plot_rank,
+    plot_sbc_ranks,
     plot_trace,
     write_plots,
 )
@@ -19,5 +21,6 @@ from latentkit.diagnostics.report import write_report
 from latentkit.diagnostics.sbc import SBCResult, sbc
 
 __all__ = ["Check", "CheckReport", "Comparison", "PPCReport", "SBCResult", "check", "compare", "loo_pit",
-           "plot_elbo", "plot_energy", "plot_loo_pit", "plot_pair", "plot_ppc", "plot_rank", "plot_trace", "ppc",
+           "plot_elbo", "plot_energy", "plot_loo_pit", "plot_pair", "plot_ppc", "plot_ppc_statistics", "plot_rank",
+           "plot_sbc_ranks", "plot_trace", "ppc",
            "relabel", "relabel_result", "sbc", "write_plots", "write_report"]
