@@ -12,10 +12,10 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     import arviz  # noqa: F401
 
-from latentkit import datasets, diagnostics, inference, models
+from latentkit import datasets, diagnostics, inference, models, nn
 from latentkit.inference import Result, fit
 from latentkit.runs import load
 
 __version__ = importlib.metadata.version("latentkit")
 
-__all__ = ["Result", "datasets", "diagnostics", "fit", "inference", "load", "models", "__version__"]
+__all__ = ["Result", "datasets", "diagnostics", "fit", "inference", "load", "models", "nn", "__version__"]
