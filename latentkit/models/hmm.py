@@ -416,9 +416,10 @@ class GaussianHMM(_HiddenMarkovModel):
         relabel: make state labels consistent across draws and chains.
 
     Shapes:
-        data: one sequence (T,) or (T, D); a list of such arrays of different lengths (padded
-        and masked, never truncated); or a DataFrame (one sequence, or many with
-        ``sequence_column``).
+        data: one sequence (T,) or (T, D) as an array, tensor or DataFrame; several sequences
+        of any lengths as a list (or tuple) of such arrays (padded and masked, never
+        truncated; a list is always read as several sequences); or a long DataFrame with
+        ``sequence_column``.
 
     Example:
         >>> hmm = GaussianHMM(n_states=2)
