@@ -49,9 +49,10 @@ class SVIOptions:
 
     steps: int = field(default=2000, metadata={"min": 1, "help": "optimisation steps"})
     learning_rate: float = field(default=0.01, metadata={"min": 0.0, "help": "Adam step size"})
-    guide: Any = field(default="normal", metadata={
-        "choices": tuple(GUIDES),
-        "help": "normal (AutoNormal), multivariate_normal, delta (MAP), or a Pyro guide callable"})
+    guide: Any = field(default="auto", metadata={
+        "choices": ("auto", *GUIDES),
+        "help": "auto (the model's own guide if it has one, e.g. a VAE's encoder, else normal), "
+                "normal (AutoNormal), multivariate_normal, delta (MAP), or a Pyro guide callable"})
     num_particles: int = field(default=1, metadata={"min": 1, "help": "ELBO particles per step"})
     batch_size: int | None = field(default=None, metadata={
         "min": 1, "help": "global minibatch size: reshuffled each epoch, shared out among distributed processes; "
@@ -92,6 +93,10 @@ class SVIEngine:
         choice = self.options.guide
         if callable(choice) and not isinstance(choice, str):
             return choice
+        if choice == "auto":
+            if callable(getattr(model, "guide", None)):
+                return model.guide
+            choice = "normal"
         values = model.initial_values(target.kwargs, seed) if hasattr(model, "initial_values") else {}
         init = init_with_values(values, fallback="median")
         exposed = poutine.block(fn, hide_fn=_hide_enumerated)

@@ -3,8 +3,9 @@
 from latentkit.models.base import LatentModel
 from latentkit.models.gaussian_mixture import GaussianMixture
 from latentkit.models.hmm import CategoricalHMM, GaussianHMM, PoissonHMM
+from latentkit.models.vae import VAE
 
-__all__ = ["LatentModel", "GaussianMixture", "GaussianHMM", "CategoricalHMM", "PoissonHMM", "MODELS"]
+__all__ = ["LatentModel", "GaussianMixture", "GaussianHMM", "CategoricalHMM", "PoissonHMM", "VAE", "MODELS"]
 
 #: Built-in model classes by name, used to rebuild models from a run folder's config.json.
 MODELS: dict[str, type[LatentModel]] = {
@@ -12,4 +13,5 @@ MODELS: dict[str, type[LatentModel]] = {
     "GaussianHMM": GaussianHMM,
     "CategoricalHMM": CategoricalHMM,
     "PoissonHMM": PoissonHMM,
+    "VAE": VAE,
 }

@@ -1,0 +1,348 @@
+"""Variational autoencoder: a Pyro model/guide pair whose networks come from :mod:`latentkit.nn`."""
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from latentkit.errors import ConfigError, DataError
+from latentkit.models.base import LatentModel
+from latentkit.nn import MADE, MLP
+
+__all__ = ["VAE"]
+
+LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
+
+#: Elements (particles x points x decoder outputs) per decoder call in ``log_likelihood``:
+#: 2**22 doubles are 32 MiB per tensor.
+CHUNK_ELEMENTS = 2 ** 22
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+def _batched(net: nn.Module, x: torch.Tensor, event_rank: int) -> torch.Tensor:
+    """Apply ``net`` (which takes one batch dimension) to x with any number of batch dimensions."""
+    batch = x.shape[:x.dim() - event_rank]
+    out = net(x.reshape((-1,) + tuple(x.shape[len(batch):])))
+    return out.reshape(batch + out.shape[1:])
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
+class VAE(LatentModel):
+    r"""Variational autoencoder (Kingma & Welling 2014) with an amortised Gaussian guide.
+
+    Model: ``z`` ~ Normal(0, I) and ``obs`` ~ p(x | decoder(z)) for each data point; guide:
+    ``z`` ~ Normal(loc(x), scale(x)) with ``[loc, log scale] = encoder(x)``. ``lk.fit(vae, X,
+    engine="svi")`` trains the encoder and decoder together on the ELBO, using this guide (the
+    SVI engine's default ``guide="auto"`` takes a model's own guide); ``batch_size=`` gives
+    minibatches. Keep ``num_samples`` small (e.g. 10): each posterior draw holds a ``z`` for
+    every data point.
+
+    Sites (stable names): ``z`` (N, latent_dim), observed ``obs`` (N, \*input_shape).
+
+    Likelihoods:
+        ``"bernoulli"``: data in [0, 1], decoder outputs logits. For values strictly between 0
+        and 1 (e.g. grey levels) this is the usual cross-entropy, not a normalised density:
+        binarise the data for log-likelihoods in nats.
+        ``"gaussian"``: real data, decoder outputs means; one learned scale per data coordinate
+        (parameter ``log_scale``).
+        ``"categorical"``: integer data in ``0 .. n_categories - 1``; the encoder sees one-hot
+        vectors and the decoder outputs logits per category.
+
+    Args:
+        input_dim: D for vector data (or give ``input_shape``).
+        latent_dim: size of ``z`` (>= 1).
+        input_shape: the shape of one data point, e.g. ``(1, 8, 8)`` for a
+            :class:`~latentkit.nn.ConvEncoder`; data may also come flattened, ``(N, prod(shape))``.
+        encoder: a module mapping ``(B, *input_shape)`` (categorical: ``(B, *input_shape,
+            n_categories)`` one-hot) to ``(B, 2 * latent_dim)``; default an :class:`~latentkit.nn.MLP`
+            on the flattened input with layers ``hidden``.
+        decoder: a module mapping ``(B, latent_dim)`` to ``(B, *input_shape)`` (categorical:
+            ``(B, *input_shape, n_categories)``), or a :class:`~latentkit.nn.MADE` with
+            ``context_dim=latent_dim`` for an autoregressive likelihood (vector data, Bernoulli or
+            Gaussian); default an MLP with layers ``reversed(hidden)``.
+        likelihood: ``"bernoulli"`` (default), ``"gaussian"`` or ``"categorical"``.
+        hidden: hidden layer sizes of the default MLPs.
+        n_categories: number of categories (categorical likelihood only).
+        activation: activation of the default MLPs (a name, see :class:`~latentkit.nn.MLP`).
+
+    Shapes:
+        data: ``(N, *input_shape)`` or ``(N, prod(input_shape))``.
+        ``encode(x)``: a distribution with batch ``(N,)``, event ``(latent_dim,)``.
+        ``decode(z)``: z ``(..., latent_dim)`` → a distribution with batch ``z.shape[:-1]``,
+        event ``input_shape``.
+
+    Raises:
+        DataError: ``latent_dim`` < 1, a decoder whose output shape does not match the data, an
+            encoder that cannot take ``input_shape``; in :meth:`prepare`: wrong data shape, NaN or
+            infinite values, values outside [0, 1] (Bernoulli) or outside the categories.
+
+    Example:
+        >>> vae = VAE(input_dim=4, latent_dim=2, hidden=(8,))
+        >>> sorted(vae.prepare(np.zeros((3, 4))))
+        ['X', 'subsample_size']
+        >>> vae.encode(torch.zeros(3, 4)).batch_shape, vae.sample(5).shape
+        (torch.Size([3]), torch.Size([5, 4]))
+    """
+
+    def __init__(self, input_dim: int | None = None, latent_dim: int = 8, *,
+                 input_shape: Sequence[int] | None = None, encoder: nn.Module | None = None,
+                 decoder: nn.Module | None = None,
+                 likelihood: Literal["bernoulli", "gaussian", "categorical"] = "bernoulli",
+                 hidden: Sequence[int] = (256,), n_categories: int | None = None, activation: str = "relu") -> None:
+        super().__init__()
+        if (input_dim is None) == (input_shape is None):
+            raise ConfigError("input_dim: give exactly one of input_dim (vector data) and input_shape.")
+        shape = (input_dim,) if input_shape is None else tuple(input_shape)
+        if not shape or not all(_positive_int(s) for s in shape):
+            given = input_dim if input_shape is None else input_shape
+            raise ConfigError(f"input_shape: must be positive integers, got {given!r}.")
+        if not _positive_int(latent_dim):
+            raise DataError(f"latent_dim: must be an integer >= 1, got {latent_dim!r}.")
+        if likelihood not in LIKELIHOODS:
+            raise ConfigError(f"likelihood: must be one of {list(LIKELIHOODS)}, got {likelihood!r}.")
+        if likelihood == "categorical" and not (_positive_int(n_categories) and n_categories >= 2):
+            raise ConfigError(f"n_categories: the categorical likelihood needs n_categories >= 2, "
+                              f"got {n_categories!r}.")
+        if likelihood != "categorical" and n_categories is not None:
+            raise ConfigError("n_categories: only for likelihood='categorical'.")
+        if not isinstance(activation, str):
+            raise ConfigError("activation: give a name; for other activations pass your own encoder and decoder.")
+        for name, part in (("encoder", encoder), ("decoder", decoder)):
+            if isinstance(part, str):
+                raise ConfigError(f"{name}: this VAE was saved with a custom {name} ({part}), which a run folder "
+                                  "cannot rebuild; construct the VAE yourself and pass it: lk.load(path, model=vae).")
+            if part is not None and not isinstance(part, nn.Module):
+                raise ConfigError(f"{name}: must be a torch.nn.Module, got {type(part).__name__}.")
+        self.input_shape = tuple(int(s) for s in shape)
+        self.latent_dim = int(latent_dim)
+        self.likelihood = likelihood
+        self.n_categories = int(n_categories) if n_categories is not None else None
+        categories = (self.n_categories,) if self.n_categories else ()
+        self.encoder_input_shape = self.input_shape + categories
+        self.decoder_output_shape = self.input_shape + categories
+        size_in, size_out = math.prod(self.encoder_input_shape), math.prod(self.decoder_output_shape)
+        hidden = [int(h) for h in hidden]
+        self.encoder = encoder if encoder is not None else nn.Sequential(
+            nn.Flatten(), MLP([size_in, *hidden, 2 * self.latent_dim], activation))
+        self.decoder = decoder if decoder is not None else nn.Sequential(
+            MLP([self.latent_dim, *reversed(hidden), size_out], activation),
+            nn.Unflatten(1, self.decoder_output_shape))
+        self.autoregressive = isinstance(self.decoder, MADE)
+        if likelihood == "gaussian":
+            self.log_scale = nn.Parameter(torch.zeros(self.input_shape))
+        self._check_networks()
+        describe = lambda part: None if part is None else f"custom {type(part).__name__}"  # noqa: E731
+        self.init_args = {"input_dim": input_dim if input_shape is None else None,
+                          "latent_dim": self.latent_dim,
+                          "input_shape": None if input_shape is None else list(self.input_shape),
+                          "encoder": describe(encoder), "decoder": describe(decoder), "likelihood": likelihood,
+                          "hidden": hidden, "n_categories": self.n_categories, "activation": activation}
+
+    def _reference(self) -> torch.Tensor:
+        return next(self.parameters())
+
+    def _check_networks(self) -> None:
+        ref = self._reference()
+        with torch.no_grad():
+            try:
+                out = self.encoder(torch.zeros((2,) + self.encoder_input_shape, dtype=ref.dtype, device=ref.device))
+            except Exception as error:  # noqa: BLE001 - any failure of the user's module is reported as such
+                raise DataError(f"encoder: cannot take inputs of shape (batch, *{self.encoder_input_shape}) "
+                                f"({type(error).__name__}: {error}); match input_shape to the encoder.") from error
+            if tuple(out.shape) != (2, 2 * self.latent_dim):
+                raise DataError(f"encoder: outputs shape {tuple(out.shape[1:])} per point, expected "
+                                f"({2 * self.latent_dim},) = [loc, log scale] of latent_dim={self.latent_dim}.")
+            if self.autoregressive:
+                made = self.decoder
+                if self.input_shape != (made.input_dim,) or made.context_dim != self.latent_dim:
+                    raise DataError(f"decoder: a MADE over {made.input_dim} dimensions with context_dim="
+                                    f"{made.context_dim} does not match input_shape={self.input_shape} and "
+                                    f"latent_dim={self.latent_dim}; build MADE({math.prod(self.input_shape)}, "
+                                    f"context_dim={self.latent_dim}).")
+                if made.likelihood != self.likelihood:
+                    raise ConfigError(f"decoder: a {made.likelihood} MADE with likelihood={self.likelihood!r}; "
+                                      "make them agree.")
+                return
+            try:
+                out = self.decoder(torch.zeros(2, self.latent_dim, dtype=ref.dtype, device=ref.device))
+            except Exception as error:  # noqa: BLE001
+                raise DataError(f"decoder: cannot take inputs of shape (batch, {self.latent_dim}) "
+                                f"({type(error).__name__}: {error}); its input size must be latent_dim.") from error
+            if tuple(out.shape) != (2,) + self.decoder_output_shape:
+                raise DataError(f"decoder: outputs shape {tuple(out.shape[1:])} per point but the data have shape "
+                                f"{self.decoder_output_shape}; make the decoder's output match input_shape.")
+
+    # -- data ---------------------------------------------------------------------------------
+    def as_tensor(self, data: Any, name: str = "data") -> torch.Tensor:
+        """Validate data and return it as a tensor ``(N, *input_shape)`` in the model's dtype."""
+        ref = self._reference()
+        if isinstance(data, pd.DataFrame):
+            data = data.to_numpy()
+        if isinstance(data, torch.Tensor):
+            X = data.detach().to(device=ref.device, dtype=ref.dtype)
+        else:
+            array = np.asarray(data)
+            if array.dtype.kind not in "biuf":
+                raise DataError(f"{name}: must be numeric, got dtype {array.dtype}.")
+            X = torch.as_tensor(array, dtype=ref.dtype, device=ref.device)
+        shape, size = self.input_shape, math.prod(self.input_shape)
+        if X.dim() == 2 and X.shape[1] == size and len(shape) > 1:
+            X = X.reshape((X.shape[0],) + shape)
+        if tuple(X.shape[1:]) != shape or X.dim() != len(shape) + 1:
+            raise DataError(f"{name}: expected shape (N, *{shape}) or (N, {size}), got {tuple(X.shape)}; "
+                            "reshape the data or set input_dim / input_shape to match it.")
+        if X.shape[0] == 0:
+            raise DataError(f"{name}: is empty; pass at least one data point.")
+        if not torch.isfinite(X).all():
+            raise DataError(f"{name}: contains NaN or infinite values; remove or impute them.")
+        if self.likelihood == "bernoulli" and (X.min() < 0 or X.max() > 1):
+            raise DataError(f"{name}: values must lie in [0, 1] for likelihood='bernoulli', got range "
+                            f"[{float(X.min()):.4g}, {float(X.max()):.4g}]; scale the data (e.g. X / X.max()) "
+                            "or use likelihood='gaussian'.")
+        if self.likelihood == "categorical" and (
+                (X != X.round()).any() or X.min() < 0 or X.max() > self.n_categories - 1):
+            raise DataError(f"{name}: values must be integers in 0..{self.n_categories - 1} for "
+                            "likelihood='categorical'; recode the data or raise n_categories.")
+        return X
+
+    def prepare(self, data: Any) -> dict[str, Any]:
+        return {"X": self.as_tensor(data), "subsample_size": None}
+
+    def dims(self, kwargs: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+        features = ("feature",) if len(self.input_shape) == 1 else tuple(
+            f"obs_dim_{i}" for i in range(len(self.input_shape)))
+        return {"z": ("obs_id", "latent"), "obs": ("obs_id",) + features}
+
+    # -- networks -----------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x): Normal with batch ``x.shape[:-len(input_shape)]``, event ``(latent_dim,)``."""
+        if self.likelihood == "categorical":
+            x = nn.functional.one_hot(x.long(), self.n_categories).to(self._reference().dtype)
+        params = _batched(self.encoder, x, len(self.encoder_input_shape))
+        loc, log_scale = params[..., :self.latent_dim], params[..., self.latent_dim:]
+        return dist.Normal(loc, log_scale.exp()).to_event(1)
+
+    def decode(self, z: torch.Tensor) -> dist.Distribution:
+        """p(x | z): batch ``z.shape[:-1]``, event ``input_shape``."""
+        rank = len(self.input_shape)
+        if self.autoregressive:
+            # validate_args=False: Bernoulli data may be grey levels in [0, 1] (see the class docstring).
+            return self.decoder.distribution(z, validate_args=False)
+        out = _batched(self.decoder, z, 1)
+        if self.likelihood == "bernoulli":
+            return dist.Independent(dist.Bernoulli(logits=out, validate_args=False), rank, validate_args=False)
+        if self.likelihood == "gaussian":
+            return dist.Normal(out, self.log_scale.exp()).to_event(rank)
+        return dist.Categorical(logits=out).to_event(rank)
+
+    def prior(self) -> dist.Distribution:
+        """p(z) = Normal(0, I), event ``(latent_dim,)``."""
+        ref = self._reference()
+        zero = torch.zeros(self.latent_dim, dtype=ref.dtype, device=ref.device)
+        return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
+
+    # -- Pyro model and guide -----------------------------------------------------------------
+    def model(self, X: torch.Tensor | None = None, subsample_size: int | None = None,
+              num_points: int | None = None) -> None:
+        """The Pyro model. ``X`` may be None with ``num_points`` given, to simulate data."""
+        N = X.shape[0] if X is not None else int(num_points or 1)
+        with pyro.plate("data", N, subsample_size=subsample_size) as index:
+            z = pyro.sample("z", self.prior())
+            x = None if X is None else X if subsample_size is None else X[index]
+            pyro.sample("obs", self.decode(z), obs=x)
+
+    def guide(self, X: torch.Tensor | None = None, subsample_size: int | None = None,
+              num_points: int | None = None) -> None:
+        """The amortised guide: ``z`` ~ q(z | x) for each (subsampled) data point."""
+        if X is None:
+            raise ConfigError("X: the guide encodes data; pass X.")
+        with pyro.plate("data", X.shape[0], subsample_size=subsample_size) as index:
+            x = X if subsample_size is None else X[index]
+            pyro.sample("z", self.encode(x))
+
+    # -- using a fitted VAE ---------------------------------------------------------------------
+    def _mean(self, likelihood: dist.Distribution) -> torch.Tensor:
+        if self.autoregressive:
+            return likelihood.sample()
+        base = likelihood.base_dist
+        if self.likelihood == "bernoulli":
+            return base.probs
+        if self.likelihood == "gaussian":
+            return base.loc
+        return base.logits.argmax(-1).to(base.logits.dtype)
+
+    @torch.no_grad()
+    def reconstruct(self, data: Any) -> torch.Tensor:
+        """The decoder's mean at the encoder's mean of z, ``(N, *input_shape)`` (categorical: the most
+        probable category; autoregressive decoder: a draw)."""
+        X = self.as_tensor(data)
+        return self._mean(self.decode(self.encode(X).mean))
+
+    @torch.no_grad()
+    def sample(self, n: int, mean: bool = False, seed: int | None = None) -> torch.Tensor:
+        """``n`` new data points ``(n, *input_shape)`` from z ~ p(z): draws of p(x | z), or with
+        ``mean=True`` its means (as :meth:`reconstruct`)."""
+        if not _positive_int(n):
+            raise ConfigError(f"n: must be a positive integer, got {n!r}.")
+        with _seeded(seed):
+            likelihood = self.decode(self.prior().sample((int(n),)))
+            return self._mean(likelihood) if mean else likelihood.sample()
+
+    @torch.no_grad()
+    def log_likelihood(self, data: Any, num_particles: int = 1000, seed: int | None = None) -> torch.Tensor:
+        """Importance-weighted estimate of log p(x) per data point, ``(N,)`` (Burda et al. 2016).
+
+        ``log (1/K) sum_k p(x, z_k) / q(z_k | x)`` with z_k ~ q(z | x): a lower bound on log p(x)
+        in expectation that tightens as ``num_particles`` K grows (K = 1 is the ELBO). Particles
+        are drawn in chunks of about ``CHUNK_ELEMENTS / (N * outputs per point)``, so K may be
+        thousands.
+        """
+        if not _positive_int(num_particles):
+            raise ConfigError(f"num_particles: must be a positive integer, got {num_particles!r}.")
+        X = self.as_tensor(data)
+        chunk = max(1, CHUNK_ELEMENTS // (X.shape[0] * math.prod(self.decoder_output_shape)))
+        total = None
+        with _seeded(seed):
+            q = self.encode(X)
+            prior = self.prior()
+            for start in range(0, num_particles, chunk):
+                z = q.sample((min(chunk, num_particles - start),))
+                log_w = self.decode(z).log_prob(X) + prior.log_prob(z) - q.log_prob(z)
+                part = torch.logsumexp(log_w, 0)
+                total = part if total is None else torch.logaddexp(total, part)
+        return total - math.log(num_particles)
+
+    @torch.no_grad()
+    def kl_per_dim(self, data: Any) -> torch.Tensor:
+        """KL(q(z_l | x) || N(0, 1)) per latent dimension l, averaged over data points,
+        ``(latent_dim,)``; the sum is the ELBO's KL term per data point."""
+        q = self.encode(self.as_tensor(data)).base_dist
+        return (0.5 * (q.scale ** 2 + q.loc ** 2 - 1) - q.scale.log()).mean(0)
+
+    @torch.no_grad()
+    def active_units(self, data: Any, threshold: float = 0.01) -> int:
+        """Number of latent dimensions whose posterior mean varies with x: Var_x(E_q[z_l | x]) >
+        ``threshold`` (Burda et al. 2016 use 0.01). Collapsed dimensions are inactive."""
+        loc = self.encode(self.as_tensor(data)).base_dist.loc
+        if loc.shape[0] < 2:
+            raise DataError("data: active units need at least two data points.")
+        return int((loc.var(0) > threshold).sum())
