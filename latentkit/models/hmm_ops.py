@@ -29,8 +29,8 @@ from pyro.distributions.util import broadcast_shape
 
 #: Stage-1 rows of :func:`log_likelihood` are rescaled every this many steps in float64.
 RESCALE_EVERY = 4
-#: Sequences up to this length use pairwise products, longer ones the blocked scan (measured
-#: crossover on one CPU core: pairwise is ~2x faster at T <= 2,000, slower beyond ~10^5).
+#: Up to this many steps the likelihood multiplies the step matrices pairwise; longer sequences
+#: first multiply blocks of steps with one shared matrix product per step (less memory traffic).
 TREE_MAX_STEPS = 4096
 
 __all__ = ["HMMSequence", "log_likelihood", "filter_log_marginals", "smooth_log_marginals",
@@ -64,68 +64,78 @@ def log_likelihood(log_init: torch.Tensor, log_trans: torch.Tensor, obs_logp: to
     factors = (obs_logp - shift).exp()
     log_scale = shift[..., 1:, 0].sum(-1)
     first = log_init + obs_logp[..., 0, :]
-    first_max = first.detach().amax(-1, keepdim=True).clamp(min=torch.finfo(first.dtype).min)
-    alpha = (first - first_max).exp().expand(batch + (K,))
-    log_scale = log_scale + first_max.squeeze(-1)
-    if 1 < T <= TREE_MAX_STEPS:
-        return log_scale + _pairwise(first - first_max, log_trans.exp(), factors[..., 1:, :], batch)
-    if T > 1:
-        trans = log_trans.exp()
-        n = T - 1
-        # About sqrt(2n) steps per block (a stage-1 step costs about half a stage-2 step), the
-        # length chosen so that fewer than `blocks` steps are left over for the tail.
-        blocks = -(-n // min(math.isqrt(2 * n - 1) + 1, n))
-        length = n // blocks
-        rest = factors[..., 1:, :].expand(batch + (n, K))
-        steps = rest[..., : blocks * length, :].reshape(batch + (blocks, length, K)).unbind(-2)
-        tail = rest[..., blocks * length:, :].unbind(-2)  # fewer than `blocks` steps, done one by one
-        # Stage 1: the product of each block's step matrices trans @ diag(factor_t), all blocks
-        # at once, rows rescaled to maximum 1 (scales kept in log space). A row's maximum shrinks
-        # by at most the smallest transition probability per step, so in float64 rescaling every
-        # RESCALE_EVERY steps cannot underflow unless transition probabilities fall below 1e-75.
-        every = RESCALE_EVERY if obs_logp.dtype == torch.float64 else 1
-        product = (trans.unsqueeze(-3) * steps[0].unsqueeze(-2)).expand(batch + (blocks, K, K))
-        row_scale = product.new_zeros(batch + (blocks, K))
-        for i, step in enumerate(steps[1:], start=2):
-            product = (product.reshape(batch + (blocks * K, K)) @ trans).reshape(product.shape)
-            product = product * step.unsqueeze(-2)
-            if i % every == 0 or i == length:
-                top = product.detach().amax(-1, keepdim=True).clamp(min=tiny)
-                product = product / top
-                row_scale = row_scale + top.squeeze(-1).log()
-        # Fold the row scales into the matrices relative to each block's largest (a row more
-        # than 1e308 times less likely than another underflows, as in any scaled forward pass).
-        block_scale = row_scale.detach().amax(-1, keepdim=True)
-        product = product * (row_scale - block_scale).exp().unsqueeze(-1)
-        log_scale = log_scale + block_scale.squeeze(-1).sum(-1)
-        # Stage 2: carry the forward vector across blocks, one small product per block.
-        norms = []
-        for block in product.unbind(-3):
-            alpha = (alpha.unsqueeze(-2) @ block).squeeze(-2)
-            norm = alpha.detach().amax(-1, keepdim=True).clamp(min=tiny)
-            alpha = alpha / norm
-            norms.append(norm)
-        for factor in tail:
-            alpha = (alpha.unsqueeze(-2) @ trans).squeeze(-2) * factor
-            norm = alpha.detach().amax(-1, keepdim=True).clamp(min=tiny)
-            alpha = alpha / norm
-            norms.append(norm)
+    if T == 1:
+        return first.logsumexp(-1)
+    trans = log_trans.exp()
+    n = T - 1
+    rest = factors[..., 1:, :]
+    scales: torch.Tensor | None = None
+    if n <= TREE_MAX_STEPS:
+        matrices, tail = trans.unsqueeze(-3) * rest.unsqueeze(-2), ()
+    else:
+        length = _block_length(n)
+        blocks = n // length
+        steps = rest.expand(batch + (n, K))[..., : blocks * length, :].reshape(batch + (blocks, length, K))
+        matrices, scales = _block_products(trans, steps.unbind(-2))
+        tail = rest[..., blocks * length:, :].unbind(-2)  # fewer than `length` steps, done one by one
+    matrix, scales = _pairwise_product(matrices.expand(batch + matrices.shape[-3:]), scales)
+    # alpha after the last block: first @ diag(e^scales) @ matrix, kept at maximum 1.
+    weight = first + (0.0 if scales is None else scales)
+    top = weight.detach().amax(-1, keepdim=True).clamp(min=torch.finfo(first.dtype).min)
+    alpha = ((weight - top).exp().unsqueeze(-2) @ matrix).squeeze(-2)
+    norms = []
+    log_scale = log_scale + top.squeeze(-1)
+    for factor in tail:
+        norm = alpha.detach().amax(-1, keepdim=True).clamp(min=tiny)
+        alpha = ((alpha / norm).unsqueeze(-2) @ trans).squeeze(-2) * factor
+        norms.append(norm)
+    if norms:
         log_scale = log_scale + torch.cat(norms, -1).log().sum(-1)
     return log_scale + alpha.sum(-1).log()
 
 
-def _pairwise(first: torch.Tensor, trans: torch.Tensor, factors: torch.Tensor, batch: torch.Size) -> torch.Tensor:
-    """log of first.exp() @ M_1 @ ... @ M_n @ 1 with M_t = trans @ diag(factors_t), by multiplying
-    neighbouring matrices pairwise (log2(n) rounds, as Pyro's DiscreteHMM) in probability space,
-    rows rescaled to maximum 1 each round with their log scales carried along.
+def _block_length(n: int) -> int:
+    """Steps per block for the blocked pass over n steps: the fewest Python-level tensor
+    operations, counting ~4 per stage-1 step, ~16 per pairwise round and ~5 per tail step."""
+    costs = {L: 4 * L + 16 * math.log2(max(n // L, 1)) + 5 * (n % L) for L in range(8, min(n, 256) + 1)}
+    return min(costs, key=costs.__getitem__) if costs else n
 
-    Fewer, larger tensor operations than the blocked scan: faster for short sequences, where
-    the per-operation overhead dominates (NUTS on T <= a few thousand).
+
+def _block_products(trans: torch.Tensor, steps: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Products trans diag(f_1) trans diag(f_2) ... of each block, all blocks at once.
+
+    Rows are rescaled to maximum 1 and their log scales returned. A row's maximum shrinks by
+    at most the smallest transition probability per step, so in float64 rescaling every
+    RESCALE_EVERY steps cannot underflow unless transition probabilities fall below 1e-75.
+
+    Shapes: trans (..., K, K); steps: ``length`` tensors (..., blocks, K); returns
+    (..., blocks, K, K) and (..., blocks, K).
     """
     K = trans.shape[-1]
-    tiny = torch.finfo(factors.dtype).tiny
-    matrices = (trans.unsqueeze(-3) * factors.unsqueeze(-2)).expand(batch + factors.shape[-2:] + (K,))
-    scales: torch.Tensor | None = None  # (..., m, K) log row scales; None while all zero
+    tiny = torch.finfo(trans.dtype).tiny
+    every = RESCALE_EVERY if trans.dtype == torch.float64 else 1
+    product = trans.unsqueeze(-3) * steps[0].unsqueeze(-2)
+    shape = product.shape
+    row_scale = product.new_zeros(shape[:-1])
+    for i, step in enumerate(steps[1:], start=2):
+        product = (product.reshape(shape[:-3] + (shape[-3] * K, K)) @ trans).reshape(shape) * step.unsqueeze(-2)
+        if i % every == 0 or i == len(steps):
+            top = product.detach().amax(-1, keepdim=True).clamp(min=tiny)
+            product = product / top
+            row_scale = row_scale + top.squeeze(-1).log()
+    return product, row_scale
+
+
+def _pairwise_product(matrices: torch.Tensor, scales: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The product diag(e^s_1) M_1 diag(e^s_2) M_2 ... as (matrix, row log scales), multiplying
+    neighbours pairwise (log2(m) rounds, as Pyro's DiscreteHMM) in probability space, rows
+    rescaled to maximum 1 each round.
+
+    Shapes: matrices (..., m, K, K), scales (..., m, K) or None (all zero); returns
+    (..., K, K) and (..., K) or None.
+    """
+    batch, K = matrices.shape[:-3], matrices.shape[-1]
+    tiny = torch.finfo(matrices.dtype).tiny
     while matrices.shape[-3] > 1:
         m = matrices.shape[-3]
         even = m // 2 * 2
@@ -146,10 +156,7 @@ def _pairwise(first: torch.Tensor, trans: torch.Tensor, factors: torch.Tensor, b
             product = torch.cat([product, matrices[..., -1:, :, :]], -3)
             new_scales = torch.cat([new_scales.expand(batch + (even // 2, K)), odd], -2)
         matrices, scales = product, new_scales
-    rows = matrices.squeeze(-3).sum(-1).log()
-    if scales is not None:
-        rows = rows + scales.squeeze(-2)
-    return (first + rows).logsumexp(-1)
+    return matrices.squeeze(-3), None if scales is None else scales.squeeze(-2)
 
 
 # -- log-space scans for posterior quantities (no gradients needed) ------------------------------
