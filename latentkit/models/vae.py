@@ -10,6 +10,8 @@ import pandas as pd
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.transforms import ConditionalAffineAutoregressive
+from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 
 from latentkit.errors import ConfigError, DataError
@@ -19,6 +21,7 @@ from latentkit.nn import MADE, MLP
 __all__ = ["VAE"]
 
 LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
+GUIDES = ("gaussian", "iaf")
 
 #: Elements (particles x points x decoder outputs) per decoder call in ``log_likelihood``:
 #: 2**22 doubles are 32 MiB per tensor.
@@ -50,7 +53,10 @@ class VAE(LatentModel):
     r"""Variational autoencoder (Kingma & Welling 2014) with an amortised Gaussian guide.
 
     Model: ``z`` ~ Normal(0, I) and ``obs`` ~ p(x | decoder(z)) for each data point; guide:
-    ``z`` ~ Normal(loc(x), scale(x)) with ``[loc, log scale] = encoder(x)``. ``lk.fit(vae, X,
+    ``z`` ~ Normal(loc(x), scale(x)) with ``[loc, log scale] = encoder(x)``, optionally followed by
+    ``flow_depth`` inverse autoregressive flows conditioned on x (``guide="iaf"``, Kingma et al.
+    2016: Pyro's ``ConditionalAffineAutoregressive`` in its stable, gated form, orderings
+    alternating natural and reversed). ``lk.fit(vae, X,
     engine="svi")`` trains the encoder and decoder together on the ELBO, using this guide (the
     SVI engine's default ``guide="auto"`` takes a model's own guide); ``batch_size=`` gives
     minibatches. Keep ``num_samples`` small (e.g. 10): each posterior draw holds a ``z`` for
@@ -83,6 +89,10 @@ class VAE(LatentModel):
         hidden: hidden layer sizes of the default MLPs.
         n_categories: number of categories (categorical likelihood only).
         activation: activation of the default MLPs (a name, see :class:`~latentkit.nn.MLP`).
+        guide: ``"gaussian"`` (default) or ``"iaf"`` (needs ``latent_dim`` >= 2).
+        flow_depth: number of IAF steps (``guide="iaf"``).
+        flow_hidden: hidden layer sizes of each IAF step's autoregressive network; default
+            ``(3 * latent_dim + 1,)``, Pyro's default width.
 
     Shapes:
         data: ``(N, *input_shape)`` or ``(N, prod(input_shape))``.
@@ -107,7 +117,9 @@ class VAE(LatentModel):
                  input_shape: Sequence[int] | None = None, encoder: nn.Module | None = None,
                  decoder: nn.Module | None = None,
                  likelihood: Literal["bernoulli", "gaussian", "categorical"] = "bernoulli",
-                 hidden: Sequence[int] = (256,), n_categories: int | None = None, activation: str = "relu") -> None:
+                 hidden: Sequence[int] = (256,), n_categories: int | None = None, activation: str = "relu",
+                 guide: Literal["gaussian", "iaf"] = "gaussian", flow_depth: int = 2,
+                 flow_hidden: Sequence[int] | None = None) -> None:
         super().__init__()
         if (input_dim is None) == (input_shape is None):
             raise ConfigError("input_dim: give exactly one of input_dim (vector data) and input_shape.")
@@ -124,6 +136,11 @@ class VAE(LatentModel):
                               f"got {n_categories!r}.")
         if likelihood != "categorical" and n_categories is not None:
             raise ConfigError("n_categories: only for likelihood='categorical'.")
+        if guide not in GUIDES:
+            raise ConfigError(f"guide: must be one of {list(GUIDES)}, got {guide!r}.")
+        if guide == "iaf" and (latent_dim < 2 or not _positive_int(flow_depth)):
+            raise ConfigError(f"guide: 'iaf' needs latent_dim >= 2 and flow_depth >= 1, got latent_dim={latent_dim}, "
+                              f"flow_depth={flow_depth!r}; use guide='gaussian'.")
         if not isinstance(activation, str):
             raise ConfigError("activation: give a name; for other activations pass your own encoder and decoder.")
         for name, part in (("encoder", encoder), ("decoder", decoder)):
@@ -149,13 +166,22 @@ class VAE(LatentModel):
         self.autoregressive = isinstance(self.decoder, MADE)
         if likelihood == "gaussian":
             self.log_scale = nn.Parameter(torch.zeros(self.input_shape))
+        self.guide_kind = guide
+        flow_hidden = [int(h) for h in (flow_hidden or (3 * self.latent_dim + 1,))] if guide == "iaf" else None
+        self.flows = nn.ModuleList()
+        for step in range(flow_depth if guide == "iaf" else 0):
+            order = torch.arange(self.latent_dim)
+            network = ConditionalAutoRegressiveNN(self.latent_dim, size_in, flow_hidden,
+                                                  permutation=order.flip(0) if step % 2 else order)
+            self.flows.append(ConditionalAffineAutoregressive(network, stable=True))
         self._check_networks()
         describe = lambda part: None if part is None else f"custom {type(part).__name__}"  # noqa: E731
         self.init_args = {"input_dim": input_dim if input_shape is None else None,
                           "latent_dim": self.latent_dim,
                           "input_shape": None if input_shape is None else list(self.input_shape),
                           "encoder": describe(encoder), "decoder": describe(decoder), "likelihood": likelihood,
-                          "hidden": hidden, "n_categories": self.n_categories, "activation": activation}
+                          "hidden": hidden, "n_categories": self.n_categories, "activation": activation,
+                          "guide": guide, "flow_depth": int(flow_depth), "flow_hidden": flow_hidden}
 
     def _reference(self) -> torch.Tensor:
         return next(self.parameters())
@@ -233,13 +259,32 @@ class VAE(LatentModel):
         return {"z": ("obs_id", "latent"), "obs": ("obs_id",) + features}
 
     # -- networks -----------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> dist.Distribution:
-        """q(z | x): Normal with batch ``x.shape[:-len(input_shape)]``, event ``(latent_dim,)``."""
+    def _gaussian(self, x: torch.Tensor) -> tuple[dist.Distribution, torch.Tensor]:
+        """The Gaussian part of q(z | x) and the encoder's input (one-hot for categorical data)."""
         if self.likelihood == "categorical":
             x = nn.functional.one_hot(x.long(), self.n_categories).to(self._reference().dtype)
         params = _batched(self.encoder, x, len(self.encoder_input_shape))
         loc, log_scale = params[..., :self.latent_dim], params[..., self.latent_dim:]
-        return dist.Normal(loc, log_scale.exp()).to_event(1)
+        return dist.Normal(loc, log_scale.exp()).to_event(1), x
+
+    def encode(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z | x): batch ``x.shape[:-len(input_shape)]``, event ``(latent_dim,)``; a Normal, or
+        with ``guide="iaf"`` the Normal pushed through the flows conditioned on x."""
+        base, x = self._gaussian(x)
+        if not self.flows:
+            return base
+        context = x.reshape(x.shape[:x.dim() - len(self.encoder_input_shape)] + (-1,))
+        return dist.TransformedDistribution(base, [flow.condition(context) for flow in self.flows])
+
+    def _posterior_point(self, x: torch.Tensor) -> torch.Tensor:
+        """A central z per point: q's mean (Gaussian guide), or its base mean through the flows."""
+        q = self.encode(x)
+        if not self.flows:
+            return q.mean
+        z = q.base_dist.mean
+        for transform in q.transforms:
+            z = transform(z)
+        return z
 
     def decode(self, z: torch.Tensor) -> dist.Distribution:
         """p(x | z): batch ``z.shape[:-1]``, event ``input_shape``."""
@@ -295,7 +340,7 @@ class VAE(LatentModel):
         """The decoder's mean at the encoder's mean of z, ``(N, *input_shape)`` (categorical: the most
         probable category; autoregressive decoder: a draw)."""
         X = self.as_tensor(data)
-        return self._mean(self.decode(self.encode(X).mean))
+        return self._mean(self.decode(self._posterior_point(X)))
 
     @torch.no_grad()
     def sample(self, n: int, mean: bool = False, seed: int | None = None) -> torch.Tensor:
@@ -331,18 +376,24 @@ class VAE(LatentModel):
                 total = part if total is None else torch.logaddexp(total, part)
         return total - math.log(num_particles)
 
+    def _gaussian_only(self, name: str, data: Any) -> dist.Normal:
+        if self.flows:
+            raise ConfigError(f"{name}: defined for the Gaussian guide; with guide='iaf' q(z | x) does not "
+                              "factorise over latent dimensions.")
+        return self.encode(self.as_tensor(data)).base_dist
+
     @torch.no_grad()
     def kl_per_dim(self, data: Any) -> torch.Tensor:
         """KL(q(z_l | x) || N(0, 1)) per latent dimension l, averaged over data points,
         ``(latent_dim,)``; the sum is the ELBO's KL term per data point."""
-        q = self.encode(self.as_tensor(data)).base_dist
+        q = self._gaussian_only("kl_per_dim", data)
         return (0.5 * (q.scale ** 2 + q.loc ** 2 - 1) - q.scale.log()).mean(0)
 
     @torch.no_grad()
     def active_units(self, data: Any, threshold: float = 0.01) -> int:
         """Number of latent dimensions whose posterior mean varies with x: Var_x(E_q[z_l | x]) >
         ``threshold`` (Burda et al. 2016 use 0.01). Collapsed dimensions are inactive."""
-        loc = self.encode(self.as_tensor(data)).base_dist.loc
+        loc = self._gaussian_only("active_units", data).loc
         if loc.shape[0] < 2:
             raise DataError("data: active units need at least two data points.")
         return int((loc.var(0) > threshold).sum())

@@ -182,3 +182,28 @@ def test_bad_input():
         lk.models.VAE(input_dim=64, likelihood="poisson")
     with pytest.raises(ConfigError, match="lk.load"):
         lk.models.VAE(input_dim=64, encoder="custom ConvEncoder")
+
+
+def test_iaf_guide(digits):
+    train, _ = digits
+    vae = lk.models.VAE(input_dim=64, latent_dim=3, hidden=(16,), guide="iaf", flow_depth=2)
+    before = {k: v.clone() for k, v in vae.flows.state_dict().items()}
+    res = lk.fit(vae, train[:300], engine="svi", steps=60, batch_size=50, learning_rate=1e-2, num_samples=2,
+                 progress=False)
+    assert res.losses[-10:].mean() < res.losses[:10].mean()
+    assert any(not torch.equal(before[k], v) for k, v in vae.flows.state_dict().items())  # flows trained
+    assert any(name.startswith("model.flows.") for name in res.params)
+    x = vae.as_tensor(train[:20])
+    with torch.no_grad():
+        q = vae.encode(x)
+        z = q.sample((4,))
+        cached = q.log_prob(z)
+        # a fresh q has no cached inverse: the flows are inverted one dimension at a time
+        fresh = vae.encode(x).log_prob(z.clone())
+    torch.testing.assert_close(cached, fresh)
+    assert z.shape == (4, 20, 3) and torch.isfinite(vae.log_likelihood(x, num_particles=50)).all()
+    assert vae.reconstruct(x).shape == (20, 64)
+    with pytest.raises(ConfigError, match="iaf"):
+        vae.kl_per_dim(x)
+    with pytest.raises(ConfigError, match="latent_dim >= 2"):
+        lk.models.VAE(input_dim=64, latent_dim=1, guide="iaf")
