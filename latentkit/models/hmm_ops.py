@@ -16,8 +16,10 @@ García-Fernández, "Temporal parallelization of Bayesian smoothers", IEEE TAC 2
 CPU cost more memory traffic. Paths are assembled from per-step back-pointers by composing them
 with a Hillis-Steele prefix scan (log2(T) gathers).
 
-:func:`log_likelihood` (used for fitting, differentiable) works in scaled probability space with
-a matrix product per step; the other functions work in log space and need no gradient.
+:func:`log_likelihood` (used for fitting, differentiable) works in scaled probability space:
+step matrices are multiplied pairwise (log2(T) rounds, as Pyro's ``DiscreteHMM`` does in log
+space), long sequences after first multiplying blocks of a few tens of steps with one shared
+matrix product per step. The other functions work in log space and need no gradient.
 """
 
 import math
@@ -320,7 +322,7 @@ class HMMSequence(TorchDistribution):
     Like Pyro's ``DiscreteHMM``, but ``initial_logits`` is the distribution of the *first* state
     (hmmlearn's ``startprob_``), padded steps are masked, and :meth:`log_prob` uses the blocked
     forward algorithm of :func:`log_likelihood` (at T = 100,000 and K = 4 its value and gradient
-    take ~0.07 s on one CPU core against ~1 s for ``DiscreteHMM``'s parallel scan).
+    take ~0.1 s on one CPU core, ``DiscreteHMM``'s ~1 s; see ``benchmarks/hmm.py``).
 
     Args:
         initial_logits: (..., K) logits of the first state.
