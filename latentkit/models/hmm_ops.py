@@ -320,7 +320,7 @@ class HMMSequence(TorchDistribution):
     """Sequences of an HMM with its discrete states summed out exactly.
 
     Like Pyro's ``DiscreteHMM``, but ``initial_logits`` is the distribution of the *first* state
-    (hmmlearn's ``startprob_``), padded steps are masked, and :meth:`log_prob` uses the blocked
+    (hmmlearn's ``startprob_``), padded steps are masked, and :meth:`log_prob` uses the fast
     forward algorithm of :func:`log_likelihood` (at T = 100,000 and K = 4 its value and gradient
     take ~0.1 s on one CPU core, ``DiscreteHMM``'s ~1 s; see ``benchmarks/hmm.py``).
 
