@@ -1,6 +1,7 @@
 """Variational autoencoder: a Pyro model/guide pair whose networks come from :mod:`latentkit.nn`."""
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from latentkit.errors import ConfigError, DataError
 from latentkit.models.base import LatentModel
 from latentkit.nn import MADE, MLP
 
-__all__ = ["VAE"]
+__all__ = ["VAE", "LatentPosterior"]
 
 LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
 GUIDES = ("gaussian", "iaf")
@@ -335,6 +336,11 @@ class VAE(LatentModel):
             return base.loc
         return base.logits.argmax(-1).to(base.logits.dtype)
 
+    def latent_posterior(self, data: Any) -> "LatentPosterior":
+        """The exact posterior p(z | x) for the given data with the networks fixed, as a model that
+        ``lk.fit(post, engine="nuts")`` samples (compare with :meth:`encode` for the amortisation gap)."""
+        return LatentPosterior(self, data)
+
     @torch.no_grad()
     def reconstruct(self, data: Any) -> torch.Tensor:
         """The decoder's mean at the encoder's mean of z, ``(N, *input_shape)`` (categorical: the most
@@ -397,3 +403,49 @@ class VAE(LatentModel):
         if loc.shape[0] < 2:
             raise DataError("data: active units need at least two data points.")
         return int((loc.var(0) > threshold).sum())
+
+
+class LatentPosterior(LatentModel):
+    """p(z | x) of a :class:`VAE` for fixed data, with its decoder fixed: a model for any engine.
+
+    The VAE's model on the given data, with a frozen copy of the networks and no guide, so that
+    no engine changes them: NUTS samples the exact posterior of ``z``, and SVI (guide ``"auto"``
+    is then AutoNormal) fits a non-amortised Gaussian per data point. Samplers start at the
+    encoder's means.
+
+    Sites: ``z`` (N, latent_dim), observed ``obs`` (N, *input_shape), as in the VAE.
+
+    Args:
+        vae: a (fitted) VAE.
+        data: the points x whose latent posterior is wanted, shape ``(N, *input_shape)``.
+
+    Example:
+        >>> vae = VAE(input_dim=4, latent_dim=2, hidden=(8,))
+        >>> post = vae.latent_posterior(np.zeros((3, 4)))
+        >>> post.prepare(None)["X"].shape, len(list(post.parameters()))
+        (torch.Size([3, 4]), 0)
+    """
+
+    def __init__(self, vae: VAE, data: Any) -> None:
+        super().__init__()
+        if not isinstance(vae, VAE):
+            raise ConfigError(f"vae: must be a latentkit VAE, got {type(vae).__name__}.")
+        # A frozen copy, held as a plain attribute (not a submodule): no engine changes the networks,
+        # and constant weights let the MCMC engine trace the potential with torch.jit.
+        object.__setattr__(self, "vae", copy.deepcopy(vae).requires_grad_(False))
+        self.X = vae.as_tensor(data)
+        self.init_args = {"vae": dict(vae.init_args)}
+
+    def prepare(self, data: Any = None) -> dict[str, Any]:
+        """The bound data (``None``), or other data of the same shape."""
+        return {"X": self.X if data is None else self.vae.as_tensor(data)}
+
+    def model(self, X: torch.Tensor) -> None:
+        self.vae.model(X)
+
+    def dims(self, kwargs: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+        return self.vae.dims(kwargs)
+
+    def initial_values(self, kwargs: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"z": self.vae._posterior_point(kwargs["X"])}

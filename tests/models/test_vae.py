@@ -207,3 +207,20 @@ def test_iaf_guide(digits):
         vae.kl_per_dim(x)
     with pytest.raises(ConfigError, match="latent_dim >= 2"):
         lk.models.VAE(input_dim=64, latent_dim=1, guide="iaf")
+
+
+def test_nuts_on_latent_posterior_matches_the_exact_posterior():
+    vae, marginal = linear_gaussian_vae(exact_encoder=True)  # the encoder is the exact posterior
+    X = marginal.sample((3,))
+    post = vae.latent_posterior(X)
+    assert not list(post.parameters())  # the networks are fixed: nothing for an engine to change
+    res = lk.fit(post, None, engine="nuts", num_chains=2, num_warmup=200, num_samples=200, seed=0, progress=False)
+    summary = res.summary()
+    assert summary["ess_bulk"].min() > 100 and summary["r_hat"].max() < 1.05
+    exact = vae.encode(X)
+    mean, sd = exact.mean.detach().numpy(), exact.stddev.detach().numpy()
+    mcse = summary["mcse_mean"].to_numpy().reshape(mean.shape)
+    z = res.posterior["z"]
+    assert (np.abs(z.mean((0, 1)) - mean) < 5 * mcse + 1e-3).all()
+    # with ESS > 100 each sd is estimated to about 1 / sqrt(2 ESS) < 7% (relative): 25% is > 3.5 SE
+    np.testing.assert_allclose(z.std((0, 1)), sd, rtol=0.25)
