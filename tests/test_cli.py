@@ -1,5 +1,6 @@
 """The latentkit command end to end, in a temporary folder."""
 
+import os
 import subprocess
 import sys
 
@@ -11,8 +12,10 @@ from latentkit.cli import main
 
 
 def run(*args: str, cwd) -> subprocess.CompletedProcess:
+    # One intra-op thread, as in this process (conftest): small tensors gain nothing from more,
+    # and spinning OpenMP threads crawl when the cores are shared.
     return subprocess.run([sys.executable, "-m", "latentkit", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture()

@@ -1,5 +1,6 @@
 """Every example runs with --smoke, and every example is listed here."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ def test_every_example_is_listed():
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_runs(name, tmp_path):
+    # One intra-op thread, as in this process (conftest): spinning OpenMP threads crawl on shared cores.
     out = subprocess.run([sys.executable, str(EXAMPLES_DIR / name), "--smoke"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=900)
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
