@@ -3,9 +3,10 @@
 from latentkit.models.base import LatentModel
 from latentkit.models.gaussian_mixture import GaussianMixture
 from latentkit.models.hmm import CategoricalHMM, GaussianHMM, PoissonHMM
-from latentkit.models.vae import VAE
+from latentkit.models.vae import VAE, ConditionalVAE
 
-__all__ = ["LatentModel", "GaussianMixture", "GaussianHMM", "CategoricalHMM", "PoissonHMM", "VAE", "MODELS"]
+__all__ = ["LatentModel", "GaussianMixture", "GaussianHMM", "CategoricalHMM", "PoissonHMM", "VAE", "ConditionalVAE",
+           "MODELS"]
 
 #: Built-in model classes by name, used to rebuild models from a run folder's config.json.
 MODELS: dict[str, type[LatentModel]] = {
@@ -14,4 +15,5 @@ MODELS: dict[str, type[LatentModel]] = {
     "CategoricalHMM": CategoricalHMM,
     "PoissonHMM": PoissonHMM,
     "VAE": VAE,
+    "ConditionalVAE": ConditionalVAE,
 }

@@ -19,7 +19,7 @@ from latentkit.errors import ConfigError, DataError
 from latentkit.models.base import LatentModel
 from latentkit.nn import MADE, MLP
 
-__all__ = ["VAE", "LatentPosterior"]
+__all__ = ["VAE", "ConditionalVAE", "LatentPosterior"]
 
 LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
 GUIDES = ("gaussian", "iaf")
@@ -94,6 +94,7 @@ class VAE(LatentModel):
         flow_depth: number of IAF steps (``guide="iaf"``).
         flow_hidden: hidden layer sizes of each IAF step's autoregressive network; default
             ``(3 * latent_dim + 1,)``, Pyro's default width.
+        context_dim: size of a conditioning vector (0: none); see :class:`ConditionalVAE`.
 
     Shapes:
         data: ``(N, *input_shape)`` or ``(N, prod(input_shape))``.
@@ -120,8 +121,11 @@ class VAE(LatentModel):
                  likelihood: Literal["bernoulli", "gaussian", "categorical"] = "bernoulli",
                  hidden: Sequence[int] = (256,), n_categories: int | None = None, activation: str = "relu",
                  guide: Literal["gaussian", "iaf"] = "gaussian", flow_depth: int = 2,
-                 flow_hidden: Sequence[int] | None = None) -> None:
+                 flow_hidden: Sequence[int] | None = None, context_dim: int = 0) -> None:
         super().__init__()
+        if not isinstance(context_dim, (int, np.integer)) or isinstance(context_dim, bool) or context_dim < 0:
+            raise ConfigError(f"context_dim: must be an integer >= 0, got {context_dim!r}.")
+        self.context_dim = int(context_dim)
         if (input_dim is None) == (input_shape is None):
             raise ConfigError("input_dim: give exactly one of input_dim (vector data) and input_shape.")
         shape = (input_dim,) if input_shape is None else tuple(input_shape)
@@ -157,12 +161,14 @@ class VAE(LatentModel):
         categories = (self.n_categories,) if self.n_categories else ()
         self.encoder_input_shape = self.input_shape + categories
         self.decoder_output_shape = self.input_shape + categories
-        size_in, size_out = math.prod(self.encoder_input_shape), math.prod(self.decoder_output_shape)
+        # With a context, encoder and decoder take it concatenated to the flattened x and to z.
+        size_in = math.prod(self.encoder_input_shape) + self.context_dim
+        size_out = math.prod(self.decoder_output_shape)
         hidden = [int(h) for h in hidden]
         self.encoder = encoder if encoder is not None else nn.Sequential(
             nn.Flatten(), MLP([size_in, *hidden, 2 * self.latent_dim], activation))
         self.decoder = decoder if decoder is not None else nn.Sequential(
-            MLP([self.latent_dim, *reversed(hidden), size_out], activation),
+            MLP([self.latent_dim + self.context_dim, *reversed(hidden), size_out], activation),
             nn.Unflatten(1, self.decoder_output_shape))
         self.autoregressive = isinstance(self.decoder, MADE)
         if likelihood == "gaussian":
@@ -183,37 +189,48 @@ class VAE(LatentModel):
                           "encoder": describe(encoder), "decoder": describe(decoder), "likelihood": likelihood,
                           "hidden": hidden, "n_categories": self.n_categories, "activation": activation,
                           "guide": guide, "flow_depth": int(flow_depth), "flow_hidden": flow_hidden}
+        if self.context_dim:
+            self.init_args["context_dim"] = self.context_dim
 
     def _reference(self) -> torch.Tensor:
         return next(self.parameters())
+
+    def _encoder_event(self) -> tuple[int, ...]:
+        """Shape of one encoder input: x (one-hot for categorical), flattened and followed by the context."""
+        if self.context_dim:
+            return (math.prod(self.encoder_input_shape) + self.context_dim,)
+        return self.encoder_input_shape
 
     def _check_networks(self) -> None:
         ref = self._reference()
         with torch.no_grad():
             try:
-                out = self.encoder(torch.zeros((2,) + self.encoder_input_shape, dtype=ref.dtype, device=ref.device))
+                out = self.encoder(torch.zeros((2,) + self._encoder_event(), dtype=ref.dtype, device=ref.device))
             except Exception as error:  # noqa: BLE001 - any failure of the user's module is reported as such
-                raise DataError(f"encoder: cannot take inputs of shape (batch, *{self.encoder_input_shape}) "
+                raise DataError(f"encoder: cannot take inputs of shape (batch, *{self._encoder_event()}) "
                                 f"({type(error).__name__}: {error}); match input_shape to the encoder.") from error
             if tuple(out.shape) != (2, 2 * self.latent_dim):
                 raise DataError(f"encoder: outputs shape {tuple(out.shape[1:])} per point, expected "
                                 f"({2 * self.latent_dim},) = [loc, log scale] of latent_dim={self.latent_dim}.")
             if self.autoregressive:
                 made = self.decoder
-                if self.input_shape != (made.input_dim,) or made.context_dim != self.latent_dim:
+                width = self.latent_dim + self.context_dim
+                if self.input_shape != (made.input_dim,) or made.context_dim != width:
                     raise DataError(f"decoder: a MADE over {made.input_dim} dimensions with context_dim="
                                     f"{made.context_dim} does not match input_shape={self.input_shape} and "
-                                    f"latent_dim={self.latent_dim}; build MADE({math.prod(self.input_shape)}, "
-                                    f"context_dim={self.latent_dim}).")
+                                    f"latent_dim + context_dim = {width}; build MADE("
+                                    f"{math.prod(self.input_shape)}, context_dim={width}).")
                 if made.likelihood != self.likelihood:
                     raise ConfigError(f"decoder: a {made.likelihood} MADE with likelihood={self.likelihood!r}; "
                                       "make them agree.")
                 return
             try:
-                out = self.decoder(torch.zeros(2, self.latent_dim, dtype=ref.dtype, device=ref.device))
+                out = self.decoder(torch.zeros(2, self.latent_dim + self.context_dim, dtype=ref.dtype,
+                                               device=ref.device))
             except Exception as error:  # noqa: BLE001
-                raise DataError(f"decoder: cannot take inputs of shape (batch, {self.latent_dim}) "
-                                f"({type(error).__name__}: {error}); its input size must be latent_dim.") from error
+                raise DataError(f"decoder: cannot take inputs of shape (batch, {self.latent_dim + self.context_dim}) "
+                                f"({type(error).__name__}: {error}); its input size must be latent_dim "
+                                "(+ context_dim).") from error
             if tuple(out.shape) != (2,) + self.decoder_output_shape:
                 raise DataError(f"decoder: outputs shape {tuple(out.shape[1:])} per point but the data have shape "
                                 f"{self.decoder_output_shape}; make the decoder's output match input_shape.")
@@ -230,7 +247,7 @@ class VAE(LatentModel):
             array = np.asarray(data)
             if array.dtype.kind not in "biuf":
                 raise DataError(f"{name}: must be numeric, got dtype {array.dtype}.")
-            X = torch.as_tensor(array, dtype=ref.dtype, device=ref.device)
+            X = torch.tensor(array, dtype=ref.dtype, device=ref.device)  # a copy: read-only arrays are fine
         shape, size = self.input_shape, math.prod(self.input_shape)
         if X.dim() == 2 and X.shape[1] == size and len(shape) > 1:
             X = X.reshape((X.shape[0],) + shape)
@@ -251,8 +268,45 @@ class VAE(LatentModel):
                             "likelihood='categorical'; recode the data or raise n_categories.")
         return X
 
+    def as_context(self, context: Any, n: int, name: str = "context") -> torch.Tensor | None:
+        """Validate a context: ``(n, context_dim)`` vectors, or ``(n,)`` integer labels (one-hot encoded)."""
+        if not self.context_dim:
+            if context is not None:
+                raise DataError(f"{name}: this VAE takes no context; use ConditionalVAE.")
+            return None
+        if context is None:
+            raise DataError(f"{name}: a ConditionalVAE needs a context for each point: pass (X, context).")
+        ref = self._reference()
+        # torch.tensor copies: read-only arrays (e.g. from np.broadcast_to) are fine
+        c = torch.tensor(np.asarray(context.detach().cpu() if isinstance(context, torch.Tensor) else context,
+                                    dtype=float), dtype=ref.dtype, device=ref.device)
+        if c.dim() == 1 and self.context_dim > 1:
+            if ((c != c.round()) | (c < 0) | (c > self.context_dim - 1)).any():
+                raise DataError(f"{name}: 1-D contexts are labels, integers in 0..{self.context_dim - 1}.")
+            c = nn.functional.one_hot(c.long(), self.context_dim).to(ref.dtype)
+        if c.dim() == 1:
+            c = c[:, None]
+        if tuple(c.shape) != (n, self.context_dim):
+            raise DataError(f"{name}: expected shape ({n}, {self.context_dim}) (or ({n},) labels), "
+                            f"got {tuple(c.shape)}.")
+        if not torch.isfinite(c).all():
+            raise DataError(f"{name}: contains NaN or infinite values.")
+        return c
+
+    def _split(self, data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Data as ``(X, context)``: x alone, or a pair / a dict with keys "x" and "context"."""
+        context = None
+        if isinstance(data, Mapping):
+            data, context = data.get("x"), data.get("context")
+        elif isinstance(data, tuple) and len(data) == 2:
+            data, context = data
+        X = self.as_tensor(data)
+        return X, self.as_context(context, X.shape[0])
+
     def prepare(self, data: Any) -> dict[str, Any]:
-        return {"X": self.as_tensor(data), "subsample_size": None}
+        X, context = self._split(data)
+        # The model's argument is C, not "context": Pyro's messengers take a "context" argument.
+        return {"X": X, "subsample_size": None} if context is None else {"X": X, "C": context, "subsample_size": None}
 
     def dims(self, kwargs: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
         features = ("feature",) if len(self.input_shape) == 1 else tuple(
@@ -260,26 +314,33 @@ class VAE(LatentModel):
         return {"z": ("obs_id", "latent"), "obs": ("obs_id",) + features}
 
     # -- networks -----------------------------------------------------------------------------
-    def _gaussian(self, x: torch.Tensor) -> tuple[dist.Distribution, torch.Tensor]:
-        """The Gaussian part of q(z | x) and the encoder's input (one-hot for categorical data)."""
+    def _gaussian(self, x: torch.Tensor, context: torch.Tensor | None = None
+                  ) -> tuple[dist.Distribution, torch.Tensor]:
+        """The Gaussian part of q(z | x) and the encoder's input (one-hot for categorical data,
+        flattened and concatenated with the context for a conditional VAE)."""
         if self.likelihood == "categorical":
             x = nn.functional.one_hot(x.long(), self.n_categories).to(self._reference().dtype)
-        params = _batched(self.encoder, x, len(self.encoder_input_shape))
+        if self.context_dim:
+            if context is None:
+                raise DataError("context: a ConditionalVAE encodes x together with its context.")
+            batch = x.shape[:x.dim() - len(self.encoder_input_shape)]
+            x = torch.cat([x.reshape(batch + (-1,)), context.expand(batch + context.shape[-1:])], -1)
+        params = _batched(self.encoder, x, len(self._encoder_event()))
         loc, log_scale = params[..., :self.latent_dim], params[..., self.latent_dim:]
         return dist.Normal(loc, log_scale.exp()).to_event(1), x
 
-    def encode(self, x: torch.Tensor) -> dist.Distribution:
-        """q(z | x): batch ``x.shape[:-len(input_shape)]``, event ``(latent_dim,)``; a Normal, or
-        with ``guide="iaf"`` the Normal pushed through the flows conditioned on x."""
-        base, x = self._gaussian(x)
+    def encode(self, x: torch.Tensor, context: torch.Tensor | None = None) -> dist.Distribution:
+        """q(z | x[, context]): batch ``x.shape[:-len(input_shape)]``, event ``(latent_dim,)``; a
+        Normal, or with ``guide="iaf"`` the Normal pushed through the flows conditioned on x."""
+        base, x = self._gaussian(x, context)
         if not self.flows:
             return base
-        context = x.reshape(x.shape[:x.dim() - len(self.encoder_input_shape)] + (-1,))
-        return dist.TransformedDistribution(base, [flow.condition(context) for flow in self.flows])
+        flat = x.reshape(x.shape[:x.dim() - len(self._encoder_event())] + (-1,))
+        return dist.TransformedDistribution(base, [flow.condition(flat) for flow in self.flows])
 
-    def _posterior_point(self, x: torch.Tensor) -> torch.Tensor:
+    def _posterior_point(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """A central z per point: q's mean (Gaussian guide), or its base mean through the flows."""
-        q = self.encode(x)
+        q = self.encode(x, context)
         if not self.flows:
             return q.mean
         z = q.base_dist.mean
@@ -287,9 +348,14 @@ class VAE(LatentModel):
             z = transform(z)
         return z
 
-    def decode(self, z: torch.Tensor) -> dist.Distribution:
-        """p(x | z): batch ``z.shape[:-1]``, event ``input_shape``."""
+    def decode(self, z: torch.Tensor, context: torch.Tensor | None = None) -> dist.Distribution:
+        """p(x | z[, context]): batch ``z.shape[:-1]``, event ``input_shape``."""
         rank = len(self.input_shape)
+        if self.context_dim:
+            if context is None:
+                raise DataError("context: a ConditionalVAE decodes z together with its context.")
+            batch = torch.broadcast_shapes(z.shape[:-1], context.shape[:-1])
+            z = torch.cat([z.expand(batch + z.shape[-1:]), context.expand(batch + context.shape[-1:])], -1)
         if self.autoregressive:
             # validate_args=False: Bernoulli data may be grey levels in [0, 1] (see the class docstring).
             return self.decoder.distribution(z, validate_args=False)
@@ -307,23 +373,24 @@ class VAE(LatentModel):
         return dist.Normal(zero, torch.ones_like(zero)).to_event(1)
 
     # -- Pyro model and guide -----------------------------------------------------------------
-    def model(self, X: torch.Tensor | None = None, subsample_size: int | None = None,
-              num_points: int | None = None) -> None:
-        """The Pyro model. ``X`` may be None with ``num_points`` given, to simulate data."""
-        N = X.shape[0] if X is not None else int(num_points or 1)
+    def model(self, X: torch.Tensor | None = None, C: torch.Tensor | None = None,
+              subsample_size: int | None = None, num_points: int | None = None) -> None:
+        """The Pyro model; ``C``: the contexts (conditional VAE). ``X`` may be None with
+        ``num_points`` (or contexts) given, to simulate data."""
+        N = X.shape[0] if X is not None else C.shape[0] if C is not None else int(num_points or 1)
         with pyro.plate("data", N, subsample_size=subsample_size) as index:
             z = pyro.sample("z", self.prior())
-            x = None if X is None else X if subsample_size is None else X[index]
-            pyro.sample("obs", self.decode(z), obs=x)
+            pick = (lambda t: t if t is None or subsample_size is None else t[index])  # noqa: E731
+            pyro.sample("obs", self.decode(z, pick(C)), obs=pick(X))
 
-    def guide(self, X: torch.Tensor | None = None, subsample_size: int | None = None,
-              num_points: int | None = None) -> None:
+    def guide(self, X: torch.Tensor | None = None, C: torch.Tensor | None = None,
+              subsample_size: int | None = None, num_points: int | None = None) -> None:
         """The amortised guide: ``z`` ~ q(z | x) for each (subsampled) data point."""
         if X is None:
             raise ConfigError("X: the guide encodes data; pass X.")
         with pyro.plate("data", X.shape[0], subsample_size=subsample_size) as index:
-            x = X if subsample_size is None else X[index]
-            pyro.sample("z", self.encode(x))
+            pick = (lambda t: t if t is None or subsample_size is None else t[index])  # noqa: E731
+            pyro.sample("z", self.encode(pick(X), pick(C)))
 
     # -- using a fitted VAE ---------------------------------------------------------------------
     def _mean(self, likelihood: dist.Distribution) -> torch.Tensor:
@@ -345,17 +412,23 @@ class VAE(LatentModel):
     def reconstruct(self, data: Any) -> torch.Tensor:
         """The decoder's mean at the encoder's mean of z, ``(N, *input_shape)`` (categorical: the most
         probable category; autoregressive decoder: a draw)."""
-        X = self.as_tensor(data)
-        return self._mean(self.decode(self._posterior_point(X)))
+        X, context = self._split(data)
+        return self._mean(self.decode(self._posterior_point(X, context), context))
 
     @torch.no_grad()
-    def sample(self, n: int, mean: bool = False, seed: int | None = None) -> torch.Tensor:
+    def sample(self, n: int, mean: bool = False, seed: int | None = None, context: Any = None) -> torch.Tensor:
         """``n`` new data points ``(n, *input_shape)`` from z ~ p(z): draws of p(x | z), or with
-        ``mean=True`` its means (as :meth:`reconstruct`)."""
+        ``mean=True`` its means (as :meth:`reconstruct`). A conditional VAE needs ``context``: one
+        for all (a label or a ``(context_dim,)`` vector) or one per point."""
         if not _positive_int(n):
             raise ConfigError(f"n: must be a positive integer, got {n!r}.")
+        if self.context_dim and context is not None:
+            c = np.asarray(context.detach().cpu() if isinstance(context, torch.Tensor) else context, dtype=float)
+            single = c.ndim == 0 or (c.ndim == 1 and self.context_dim > 1 and len(c) == self.context_dim)
+            context = np.broadcast_to(c, (int(n),) + c.shape) if single else c
+        context = self.as_context(context, int(n))
         with _seeded(seed):
-            likelihood = self.decode(self.prior().sample((int(n),)))
+            likelihood = self.decode(self.prior().sample((int(n),)), context)
             return self._mean(likelihood) if mean else likelihood.sample()
 
     @torch.no_grad()
@@ -369,15 +442,15 @@ class VAE(LatentModel):
         """
         if not _positive_int(num_particles):
             raise ConfigError(f"num_particles: must be a positive integer, got {num_particles!r}.")
-        X = self.as_tensor(data)
+        X, context = self._split(data)
         chunk = max(1, CHUNK_ELEMENTS // (X.shape[0] * math.prod(self.decoder_output_shape)))
         total = None
         with _seeded(seed):
-            q = self.encode(X)
+            q = self.encode(X, context)
             prior = self.prior()
             for start in range(0, num_particles, chunk):
                 z = q.sample((min(chunk, num_particles - start),))
-                log_w = self.decode(z).log_prob(X) + prior.log_prob(z) - q.log_prob(z)
+                log_w = self.decode(z, context).log_prob(X) + prior.log_prob(z) - q.log_prob(z)
                 part = torch.logsumexp(log_w, 0)
                 total = part if total is None else torch.logaddexp(total, part)
         return total - math.log(num_particles)
@@ -386,7 +459,7 @@ class VAE(LatentModel):
         if self.flows:
             raise ConfigError(f"{name}: defined for the Gaussian guide; with guide='iaf' q(z | x) does not "
                               "factorise over latent dimensions.")
-        return self.encode(self.as_tensor(data)).base_dist
+        return self.encode(*self._split(data)).base_dist
 
     @torch.no_grad()
     def kl_per_dim(self, data: Any) -> torch.Tensor:
@@ -403,6 +476,38 @@ class VAE(LatentModel):
         if loc.shape[0] < 2:
             raise DataError("data: active units need at least two data points.")
         return int((loc.var(0) > threshold).sum())
+
+
+class ConditionalVAE(VAE):
+    r"""A VAE of x given a context c (labels or any vector; Sohn et al. 2015): z ~ Normal(0, I),
+    x ~ p(x | decoder([z, c])), with the guide q(z | encoder([flatten(x), c])).
+
+    Data are pairs ``(X, context)`` (or a dict with keys ``"x"`` and ``"context"``); ``context``
+    is ``(N, context_dim)``, or ``(N,)`` integer labels in ``0 .. context_dim - 1``, one-hot
+    encoded. Every method that takes data takes such a pair; :meth:`sample` takes ``context=``.
+    Custom networks take the concatenations: the encoder ``(B, prod(input_shape) + context_dim)``
+    (categorical: one-hot x first), the decoder ``(B, latent_dim + context_dim)``, a MADE decoder
+    ``context_dim = latent_dim + context_dim``.
+
+    Sites (stable names): ``z`` (N, latent_dim), observed ``obs`` (N, \*input_shape).
+
+    Args:
+        input_dim, latent_dim, \*\*kwargs: as :class:`VAE`.
+        context_dim: size of the context (>= 1; the number of classes for labels).
+
+    Example:
+        >>> cvae = ConditionalVAE(input_dim=4, latent_dim=2, context_dim=3, hidden=(8,))
+        >>> sorted(cvae.prepare((np.zeros((5, 4)), np.arange(5) % 3)))
+        ['C', 'X', 'subsample_size']
+        >>> cvae.sample(2, context=1).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, input_dim: int | None = None, latent_dim: int = 8, *, context_dim: int,
+                 **kwargs: Any) -> None:
+        if not _positive_int(context_dim):
+            raise ConfigError(f"context_dim: must be an integer >= 1, got {context_dim!r}.")
+        super().__init__(input_dim, latent_dim, context_dim=context_dim, **kwargs)
 
 
 class LatentPosterior(LatentModel):
@@ -433,19 +538,20 @@ class LatentPosterior(LatentModel):
         # A frozen copy, held as a plain attribute (not a submodule): no engine changes the networks,
         # and constant weights let the MCMC engine trace the potential with torch.jit.
         object.__setattr__(self, "vae", copy.deepcopy(vae).requires_grad_(False))
-        self.X = vae.as_tensor(data)
+        self.X, self.context = vae._split(data)
         self.init_args = {"vae": dict(vae.init_args)}
 
     def prepare(self, data: Any = None) -> dict[str, Any]:
-        """The bound data (``None``), or other data of the same shape."""
-        return {"X": self.X if data is None else self.vae.as_tensor(data)}
+        """The bound data (``None``), or other data of the same form."""
+        X, context = (self.X, self.context) if data is None else self.vae._split(data)
+        return {"X": X} if context is None else {"X": X, "C": context}
 
-    def model(self, X: torch.Tensor) -> None:
-        self.vae.model(X)
+    def model(self, X: torch.Tensor, C: torch.Tensor | None = None) -> None:
+        self.vae.model(X, C)
 
     def dims(self, kwargs: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
         return self.vae.dims(kwargs)
 
     def initial_values(self, kwargs: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return {"z": self.vae._posterior_point(kwargs["X"])}
+            return {"z": self.vae._posterior_point(kwargs["X"], kwargs.get("C"))}

@@ -224,3 +224,62 @@ def test_nuts_on_latent_posterior_matches_the_exact_posterior():
     assert (np.abs(z.mean((0, 1)) - mean) < 5 * mcse + 1e-3).all()
     # with ESS > 100 each sd is estimated to about 1 / sqrt(2 ESS) < 7% (relative): 25% is > 3.5 SE
     np.testing.assert_allclose(z.std((0, 1)), sd, rtol=0.25)
+
+
+def test_conditional_vae_iwae_is_exact_for_linear_gaussian():
+    """p(x | c) = N(b + V c, W W^T + s^2 I) when the decoder is linear in [z, c]; the exact
+    posterior mean is A (x - b - V c), linear in [x, c], so a linear encoder represents it."""
+    D, L, C, s = 4, 2, 3, 0.7
+    Q, _ = torch.linalg.qr(torch.randn(D, L))
+    W, V, b = Q * torch.tensor([1.5, 0.8]), torch.randn(D, C), torch.randn(D)
+    cvae = lk.models.ConditionalVAE(input_dim=D, latent_dim=L, context_dim=C, likelihood="gaussian",
+                                    encoder=nn.Linear(D + C, 2 * L), decoder=nn.Linear(L + C, D))
+    S = torch.linalg.inv(torch.eye(L) + W.T @ W / s ** 2)
+    A = S @ W.T / s ** 2
+    with torch.no_grad():
+        cvae.decoder.weight.copy_(torch.cat([W, V], 1))
+        cvae.decoder.bias.copy_(b)
+        cvae.log_scale.fill_(math.log(s))
+        cvae.encoder.weight.zero_()
+        cvae.encoder.weight[:L] = torch.cat([A, -A @ V], 1)
+        cvae.encoder.bias[:L] = -A @ b
+        cvae.encoder.bias[L:] = 0.5 * torch.diagonal(S).log()
+    context = torch.randn(50, C)
+    cov = W @ W.T + s ** 2 * torch.eye(D)
+    X = torch.distributions.MultivariateNormal(b + context @ V.T, cov).sample()
+    exact = torch.distributions.MultivariateNormal(b + context @ V.T, cov).log_prob(X)
+    torch.testing.assert_close(cvae.log_likelihood((X, context), num_particles=1, seed=0), exact)
+    torch.testing.assert_close(cvae.log_likelihood({"x": X, "context": context}, num_particles=1, seed=0), exact)
+    assert cvae.latent_posterior((X, context)).prepare(None)["C"].shape == (50, C)
+
+
+def test_conditional_vae_on_digits_with_labels(digits):
+    data = load_digits()
+    order = np.random.default_rng(0).permutation(len(data.data))
+    X, y = data.data[order] / 16.0, data.target[order]
+    cvae = lk.models.ConditionalVAE(input_dim=64, latent_dim=4, context_dim=10, hidden=(64,))
+    test = (X[1500:], y[1500:])
+    before = float(cvae.log_likelihood(test, num_particles=50, seed=0).mean())
+    res = lk.fit(cvae, (X[:1500], y[:1500]), engine="svi", steps=150, batch_size=100, learning_rate=3e-3,
+                 num_samples=2, progress=False)
+    assert float(cvae.log_likelihood(test, num_particles=50, seed=0).mean()) > before + 5.0
+    assert res.constant_data["C"].shape == (1500, 10)  # labels, one-hot
+    zeros, ones = cvae.sample(20, mean=True, seed=0, context=0), cvae.sample(20, mean=True, seed=0, context=1)
+    assert zeros.shape == (20, 64) and (zeros - ones).abs().max() > 0.05  # the label changes the digit
+    assert cvae.reconstruct((X[:3], y[:3])).shape == (3, 64)
+    assert cvae.kl_per_dim(test).shape == (4,)
+
+
+def test_conditional_vae_bad_context():
+    cvae = lk.models.ConditionalVAE(input_dim=4, latent_dim=2, context_dim=3, hidden=(8,))
+    X = np.zeros((5, 4))
+    with pytest.raises(DataError, match="needs a context"):
+        cvae.prepare(X)
+    with pytest.raises(DataError, match=r"expected shape \(5, 3\)"):
+        cvae.prepare((X, np.zeros((5, 2))))
+    with pytest.raises(DataError, match="labels"):
+        cvae.prepare((X, np.array([0, 1, 2, 3, 0])))
+    with pytest.raises(DataError, match="no context"):
+        lk.models.VAE(input_dim=4, latent_dim=2, hidden=(8,)).prepare((X, np.zeros((5, 3))))
+    with pytest.raises(ConfigError, match="context_dim"):
+        lk.models.ConditionalVAE(input_dim=4, context_dim=0)
