@@ -17,7 +17,7 @@ from torch import nn
 
 from latentkit.errors import ConfigError, DataError
 from latentkit.models.base import LatentModel
-from latentkit.nn import MADE, MLP
+from latentkit.nn import MADE, MLP, PixelCNN
 
 __all__ = ["VAE", "ConditionalVAE", "LatentPosterior"]
 
@@ -83,9 +83,10 @@ class VAE(LatentModel):
             n_categories)`` one-hot) to ``(B, 2 * latent_dim)``; default an :class:`~latentkit.nn.MLP`
             on the flattened input with layers ``hidden``.
         decoder: a module mapping ``(B, latent_dim)`` to ``(B, *input_shape)`` (categorical:
-            ``(B, *input_shape, n_categories)``), or a :class:`~latentkit.nn.MADE` with
-            ``context_dim=latent_dim`` for an autoregressive likelihood (vector data, Bernoulli or
-            Gaussian); default an MLP with layers ``reversed(hidden)``.
+            ``(B, *input_shape, n_categories)``), or an autoregressive network with
+            ``context_dim=latent_dim`` for a likelihood that is not pixel-independent (Bernoulli or
+            Gaussian): a :class:`~latentkit.nn.MADE` (vector data) or a
+            :class:`~latentkit.nn.PixelCNN` (images); default an MLP with layers ``reversed(hidden)``.
         likelihood: ``"bernoulli"`` (default), ``"gaussian"`` or ``"categorical"``.
         hidden: hidden layer sizes of the default MLPs.
         n_categories: number of categories (categorical likelihood only).
@@ -170,7 +171,7 @@ class VAE(LatentModel):
         self.decoder = decoder if decoder is not None else nn.Sequential(
             MLP([self.latent_dim + self.context_dim, *reversed(hidden), size_out], activation),
             nn.Unflatten(1, self.decoder_output_shape))
-        self.autoregressive = isinstance(self.decoder, MADE)
+        self.autoregressive = isinstance(self.decoder, (MADE, PixelCNN))
         if likelihood == "gaussian":
             self.log_scale = nn.Parameter(torch.zeros(self.input_shape))
         self.guide_kind = guide
@@ -213,15 +214,15 @@ class VAE(LatentModel):
                 raise DataError(f"encoder: outputs shape {tuple(out.shape[1:])} per point, expected "
                                 f"({2 * self.latent_dim},) = [loc, log scale] of latent_dim={self.latent_dim}.")
             if self.autoregressive:
-                made = self.decoder
+                net, kind = self.decoder, type(self.decoder).__name__
                 width = self.latent_dim + self.context_dim
-                if self.input_shape != (made.input_dim,) or made.context_dim != width:
-                    raise DataError(f"decoder: a MADE over {made.input_dim} dimensions with context_dim="
-                                    f"{made.context_dim} does not match input_shape={self.input_shape} and "
-                                    f"latent_dim + context_dim = {width}; build MADE("
-                                    f"{math.prod(self.input_shape)}, context_dim={width}).")
-                if made.likelihood != self.likelihood:
-                    raise ConfigError(f"decoder: a {made.likelihood} MADE with likelihood={self.likelihood!r}; "
+                if tuple(net.event_shape) != self.input_shape or net.context_dim != width:
+                    raise DataError(f"decoder: a {kind} over shape {tuple(net.event_shape)} with context_dim="
+                                    f"{net.context_dim} does not match input_shape={self.input_shape} and "
+                                    f"latent_dim + context_dim = {width}; build it for that shape with "
+                                    f"context_dim={width}.")
+                if net.likelihood != self.likelihood:
+                    raise ConfigError(f"decoder: a {net.likelihood} {kind} with likelihood={self.likelihood!r}; "
                                       "make them agree.")
                 return
             try:
@@ -486,7 +487,7 @@ class ConditionalVAE(VAE):
     is ``(N, context_dim)``, or ``(N,)`` integer labels in ``0 .. context_dim - 1``, one-hot
     encoded. Every method that takes data takes such a pair; :meth:`sample` takes ``context=``.
     Custom networks take the concatenations: the encoder ``(B, prod(input_shape) + context_dim)``
-    (categorical: one-hot x first), the decoder ``(B, latent_dim + context_dim)``, a MADE decoder
+    (categorical: one-hot x first), the decoder ``(B, latent_dim + context_dim)``, an autoregressive decoder
     ``context_dim = latent_dim + context_dim``.
 
     Sites (stable names): ``z`` (N, latent_dim), observed ``obs`` (N, \*input_shape).

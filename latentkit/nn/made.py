@@ -1,21 +1,17 @@
 """MADE: masked autoencoder for distribution estimation (Germain et al. 2015), with a
-conditioning input, and the Pyro distribution it defines."""
+conditioning input."""
 
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
 
-import pyro.distributions as dist
 import torch
-from pyro.distributions import constraints
 from torch import nn
 
 from latentkit.errors import ConfigError
+from latentkit.nn.autoregressive import PARAMS_PER_DIM, AutoregressiveDistribution
 from latentkit.nn.mlp import activation_module, check_sizes
 
-__all__ = ["MADE", "MADEDistribution", "MaskedLinear"]
-
-#: Parameters per dimension of each conditional: Bernoulli logit; Gaussian mean and log scale.
-PARAMS_PER_DIM = {"bernoulli": 1, "gaussian": 2}
+__all__ = ["MADE", "MaskedLinear"]
 
 
 class MaskedLinear(nn.Linear):
@@ -57,7 +53,7 @@ class MADE(nn.Module):
         ``forward(x, context)``: x ``(..., D)``, context ``(..., context_dim)`` (leading
         dimensions broadcast) → logits ``(..., D)`` (Bernoulli) or ``(..., 2, D)`` (Gaussian:
         mean and log scale).
-        ``distribution(context)``: a :class:`MADEDistribution` with ``batch_shape`` =
+        ``distribution(context)``: an :class:`~latentkit.nn.AutoregressiveDistribution` with ``batch_shape`` =
         ``context.shape[:-1]`` and ``event_shape`` = ``(D,)``.
 
     Example:
@@ -93,6 +89,7 @@ class MADE(nn.Module):
             if sorted(order.tolist()) != list(range(D)):
                 raise ConfigError(f"ordering: must be a permutation of range({D}), got {list(ordering)!r}.")
         self.input_dim, self.context_dim, self.likelihood = D, context_dim, likelihood
+        self.event_shape = (D,)
         self.params_per_dim = PARAMS_PER_DIM[likelihood]
         self.register_buffer("order", order)  # order[p] = the dimension generated at position p
         degree_in = torch.empty(D, dtype=torch.long)
@@ -130,63 +127,12 @@ class MADE(nn.Module):
             return h
         return h.reshape(h.shape[:-1] + (self.params_per_dim, self.input_dim))
 
+    def positions(self) -> Iterator[tuple[int]]:
+        """Dimensions in generation order (for sampling)."""
+        for dim in self.order.tolist():
+            yield (dim,)
+
     def distribution(self, context: torch.Tensor | None = None, batch_shape: Sequence[int] = (),
-                     validate_args: bool | None = None) -> "MADEDistribution":
+                     validate_args: bool | None = None) -> AutoregressiveDistribution:
         """The distribution of x given ``context`` (``batch_shape`` only without context)."""
-        return MADEDistribution(self, context, batch_shape=batch_shape, validate_args=validate_args)
-
-
-class MADEDistribution(dist.TorchDistribution):
-    """p(x | context) = prod_p p(x_order[p] | x_order[:p], context), from a :class:`MADE`.
-
-    ``log_prob`` takes one network pass; ``sample`` takes ``D`` passes, one dimension at a time
-    in the MADE's ordering.
-
-    Shapes:
-        ``batch_shape`` = ``context.shape[:-1]`` (or the given ``batch_shape`` without context),
-        ``event_shape`` = ``(D,)``; ``log_prob(x)`` broadcasts x ``(..., D)`` with the batch.
-    """
-
-    arg_constraints: dict[str, Any] = {}
-    has_rsample = False
-
-    def __init__(self, made: MADE, context: torch.Tensor | None = None, batch_shape: Sequence[int] = (),
-                 validate_args: bool | None = None) -> None:
-        if (context is None) != (made.context_dim == 0):
-            raise ConfigError(f"context: this MADE takes a context of size {made.context_dim}, "
-                              f"got {None if context is None else tuple(context.shape)}.")
-        self.made, self.context = made, context
-        shape = torch.Size(context.shape[:-1]) if context is not None else torch.Size(batch_shape)
-        super().__init__(shape, torch.Size([made.input_dim]), validate_args=validate_args)
-
-    @property
-    def support(self) -> constraints.Constraint:
-        base = constraints.boolean if self.made.likelihood == "bernoulli" else constraints.real
-        return constraints.independent(base, 1)
-
-    def _conditionals(self, params: torch.Tensor) -> torch.distributions.Distribution:
-        if self.made.likelihood == "bernoulli":
-            return torch.distributions.Bernoulli(logits=params, validate_args=False)
-        return torch.distributions.Normal(params[..., 0, :], params[..., 1, :].exp(), validate_args=False)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        params = self.made(value, self.context)
-        return self._conditionals(params).log_prob(value).sum(-1)
-
-    def sample(self, sample_shape: Sequence[int] = ()) -> torch.Tensor:
-        shape = torch.Size(sample_shape) + self.batch_shape
-        reference = self.context if self.context is not None else self.made.output_layer.weight
-        x = torch.zeros(shape + self.event_shape, dtype=reference.dtype, device=reference.device)
-        context = None if self.context is None else self.context.expand(shape + self.context.shape[-1:])
-        with torch.no_grad():
-            for dim in self.made.order.tolist():
-                draw = self._conditionals(self.made(x, context)).sample()
-                x[..., dim] = draw[..., dim]
-        return x
-
-    def expand(self, batch_shape: Sequence[int], _instance: Any = None) -> "MADEDistribution":
-        batch_shape = torch.Size(batch_shape)
-        context = None if self.context is None else self.context.expand(batch_shape + self.context.shape[-1:])
-        return MADEDistribution(self.made, context, batch_shape=batch_shape, validate_args=self._validate_args)
+        return AutoregressiveDistribution(self, context, batch_shape=batch_shape, validate_args=validate_args)

@@ -13,7 +13,7 @@ from torch import nn
 
 import latentkit as lk
 from latentkit.errors import ConfigError, DataError
-from latentkit.nn import MADE, ConvDecoder, ConvEncoder
+from latentkit.nn import MADE, ConvDecoder, ConvEncoder, PixelCNN
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_bad_input():
         lk.models.VAE(input_dim=64, latent_dim=2, decoder=nn.Linear(2, 60))
     with pytest.raises(DataError, match="encoder: cannot take"):
         lk.models.VAE(input_dim=64, latent_dim=2, encoder=nn.Linear(60, 4))
-    with pytest.raises(DataError, match="decoder: a MADE"):
+    with pytest.raises(DataError, match="decoder: a MADE over shape"):
         lk.models.VAE(input_dim=64, latent_dim=2, decoder=MADE(64, context_dim=3))
     with pytest.raises(DataError, match="integers"):
         lk.models.VAE(input_dim=2, latent_dim=1, likelihood="categorical", n_categories=3).prepare([[0, 3]])
@@ -283,3 +283,17 @@ def test_conditional_vae_bad_context():
         lk.models.VAE(input_dim=4, latent_dim=2, hidden=(8,)).prepare((X, np.zeros((5, 3))))
     with pytest.raises(ConfigError, match="context_dim"):
         lk.models.ConditionalVAE(input_dim=4, context_dim=0)
+
+
+def test_pixelcnn_decoder(digits):
+    train, _ = digits
+    images = (train[:200] > 0.5).astype(float).reshape(200, 1, 8, 8)
+    vae = lk.models.VAE(input_shape=(1, 8, 8), latent_dim=3, hidden=(32,),
+                        decoder=PixelCNN((1, 8, 8), channels=8, num_layers=1, context_dim=3))
+    res = lk.fit(vae, images, engine="svi", steps=5, batch_size=50, num_samples=2, progress=False)
+    assert res.log_likelihood["obs"].shape == (1, 2, 200)
+    ll = vae.log_likelihood(images[:10], num_particles=10, seed=0)
+    assert ll.shape == (10,) and torch.isfinite(ll).all() and (ll < 0).all()
+    assert set(vae.sample(2).unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(DataError, match="decoder: a PixelCNN over shape"):
+        lk.models.VAE(input_shape=(1, 8, 8), latent_dim=2, decoder=PixelCNN((1, 8, 8), context_dim=3))
