@@ -4,7 +4,8 @@ Shows ``lk.models.VAE`` trained by the SVI engine on minibatches with its own am
 the held-out importance-weighted log-likelihood (IWAE) before and after training, the
 posterior-collapse monitors (KL per latent dimension, active units), the encoder against the
 exact posterior p(z | x) sampled by NUTS with the decoder fixed (the amortisation gap), an IAF
-guide for comparison, and a run folder with reconstructions, samples and the ELBO curve.
+guide for comparison, and a run folder with reconstructions, samples, latent traversals and the
+ELBO curve.
 
 The digits are binarised (pixel > 8 of 16), so the Bernoulli log-likelihoods are in nats.
 """
@@ -81,6 +82,14 @@ def main(args: argparse.Namespace) -> None:
                        out / "plots" / "reconstructions.png")
             image_grid([vae.sample(10, mean=True, seed=args.seed).numpy()], ["samples (means of p(x|z))"],
                        out / "plots" / "samples.png")
+            with torch.no_grad():  # latent traversals: one dimension from -2.5 to 2.5 sd, the others at 0
+                grid = torch.linspace(-2.5, 2.5, 9)
+                rows = []
+                for dim in range(vae.latent_dim):
+                    z = torch.zeros(9, vae.latent_dim)
+                    z[:, dim] = grid
+                    rows.append(vae.decode(z).base_dist.probs.numpy())
+            image_grid(rows, [f"z[{d}]" for d in range(vae.latent_dim)], out / "plots" / "latent_traversals.png")
             plot_elbo(res).savefig(out / "plots" / "elbo.png", dpi=80)
             plt.close("all")
             print(f"run folder with plots: {out}")

@@ -57,11 +57,10 @@ class VAE(LatentModel):
     ``z`` ~ Normal(loc(x), scale(x)) with ``[loc, log scale] = encoder(x)``, optionally followed by
     ``flow_depth`` inverse autoregressive flows conditioned on x (``guide="iaf"``, Kingma et al.
     2016: Pyro's ``ConditionalAffineAutoregressive`` in its stable, gated form, orderings
-    alternating natural and reversed). ``lk.fit(vae, X,
-    engine="svi")`` trains the encoder and decoder together on the ELBO, using this guide (the
-    SVI engine's default ``guide="auto"`` takes a model's own guide); ``batch_size=`` gives
-    minibatches. Keep ``num_samples`` small (e.g. 10): each posterior draw holds a ``z`` for
-    every data point.
+    alternating natural and reversed). ``lk.fit(vae, X, engine="svi")`` trains the encoder and
+    decoder together on the ELBO, using this guide (the SVI engine's default ``guide="auto"``
+    takes a model's own guide); ``batch_size=`` gives minibatches. Keep ``num_samples`` small
+    (e.g. 10): each posterior draw holds a ``z`` for every data point.
 
     Sites (stable names): ``z`` (N, latent_dim), observed ``obs`` (N, \*input_shape).
 
