@@ -59,12 +59,17 @@ def complete_result(
     shape = (num_chains, num_draws)
     posterior = _numpy({**flat, **gather("post")}, shape)
     posterior = {k: posterior[k] for k in target.sites if k in posterior}  # model order
+    recovered = {}
     if hasattr(model, "recover_latents"):
         with torch.no_grad():
-            posterior.update(model.recover_latents(target.kwargs, posterior, seed))
+            recovered = model.recover_latents(target.kwargs, posterior, seed)
+        posterior.update(recovered)
     if hasattr(model, "relabel"):
         posterior = model.relabel(posterior)
     dims = {name: list(site.dims) for name, site in target.sites.items()}
+    # Variables recovered outside the trace (e.g. HMM states) take their names from the model.
+    model_dims = model.dims(target.kwargs) if recovered and hasattr(model, "dims") else {}
+    dims.update({name: list(model_dims[name]) for name in recovered if name in model_dims})
     log_likelihood = _numpy(gather("ll"), shape)
     constant = {
         k: v.detach().cpu().numpy() for k, v in target.kwargs.items()

@@ -131,7 +131,7 @@ class HiddenMarkovModel(LatentModel):
     def dims(self, kwargs: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
         per_step = ("feature",) if kwargs["X"].dim() == 3 else ()
         return {"initial": ("state",), "transition": ("state", "state_next"),
-                "obs": ("sequence", "time") + per_step, "mask": ("sequence", "time"),
+                "obs": ("sequence", "time") + per_step, "mask": ("sequence", "time"), "states": ("sequence", "time"),
                 "data_mean": per_step, "data_sd": per_step}
 
     # -- model -----------------------------------------------------------------------------------------
