@@ -14,13 +14,15 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from latentkit.errors import ConfigError, DataError, InferenceError, LatentkitError
 
 __all__ = ["main"]
 
-MODELS = {"gmm": "GaussianMixture"}
+MODELS = {"gmm": "GaussianMixture", "hmm": "GaussianHMM", "poisson-hmm": "PoissonHMM",
+          "categorical-hmm": "CategoricalHMM"}
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -86,12 +88,27 @@ def _print_fit(result: Any, out: Path, var_names: list[str] | None = None) -> No
     print(f"\nrun folder: {out}")
 
 
-def _fit_gmm(data: Any, args: argparse.Namespace, engine: str, options: dict[str, Any], out: Path,
-             resume: str | None = None, distributed: bool = False) -> Any:
+def _build_model(args: argparse.Namespace) -> Any:
+    """The built-in model named by MODEL, from the command's model flags."""
     import latentkit as lk
 
-    model = lk.models.GaussianMixture(n_components=args.components, covariance=args.covariance)
-    return lk.fit(model, data, engine=engine, seed=args.seed, progress=not args.no_progress,
+    if args.model == "gmm":
+        return lk.models.GaussianMixture(n_components=args.components, covariance=args.covariance)
+    hmm = {"sequence_column": args.sequence_column}
+    if args.model == "hmm":
+        return lk.models.GaussianHMM(n_states=args.states, covariance=args.covariance, **hmm)
+    if args.model == "poisson-hmm":
+        return lk.models.PoissonHMM(n_states=args.states, **hmm)
+    if args.symbols is None:
+        raise ConfigError("--symbols: categorical-hmm needs the number of symbols M (values 0..M-1).")
+    return lk.models.CategoricalHMM(n_states=args.states, n_symbols=args.symbols, **hmm)
+
+
+def _fit_model(data: Any, args: argparse.Namespace, engine: str, options: dict[str, Any], out: Path,
+               resume: str | None = None, distributed: bool = False) -> Any:
+    import latentkit as lk
+
+    return lk.fit(_build_model(args), data, engine=engine, seed=args.seed, progress=not args.no_progress,
                   out=None if resume else out, resume=resume, distributed=distributed, **options)
 
 
@@ -102,13 +119,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"Old Faithful geyser eruptions: {data.shape[0]} eruptions x {list(data.columns)}")
     print("Model: 2-component Gaussian mixture with full covariances.\n")
     steps, draws = (200, 100) if args.smoke else (2000, 1000)
-    args.components, args.covariance = 2, "full"
+    args.model, args.components, args.covariance = "gmm", 2, "full"
     runs = [("svi", {"steps": steps, "learning_rate": 0.05, "num_samples": draws}),
             ("nuts", {"num_samples": draws, "num_warmup": draws, "num_chains": 4})]
     for engine, options in runs:
         out = Path(args.out) / engine
         print(f"== {engine} ==")
-        result = _fit_gmm(data, args, engine, options, out)
+        result = _fit_model(data, args, engine, options, out)
         _print_fit(result, out, ["weights", "locs", "scales"])
         print()
     return 0
@@ -124,7 +141,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out: --resume continues in its own folder {args.resume!r}; drop --out.")
     out = Path(args.resume or args.out or "runs/fit")
     distributed = args.distributed or launched_by_torchrun()
-    result = _fit_gmm(data, args, args.engine, _engine_options(args), out, args.resume, distributed)
+    result = _fit_model(data, args, args.engine, _engine_options(args), out, args.resume, distributed)
     if rank() == 0:
         _print_fit(result, out)
     return 0
@@ -157,6 +174,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if result.model is None or not hasattr(result.model, "sample"):
         raise ConfigError(f"DIR: the run in {args.dir!r} has no built-in model that can sample.")
     draws = result.model.sample(args.n, result=result, seed=args.seed)
+    draws = np.asarray(draws).reshape(args.n, -1)  # one column per feature, also for 1-D models
     columns = result.coords.get("feature") or [f"x{i}" for i in range(draws.shape[1])]
     frame = pd.DataFrame(draws, columns=columns)
     if args.out:
@@ -190,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--data", required=True, help="CSV or Parquet file, one row per observation")
     fit.add_argument("--columns", default=None, help="comma-separated columns to use (default: all)")
     fit.add_argument("--components", type=int, default=2, help="gmm: number of components")
-    fit.add_argument("--covariance", choices=("full", "diag"), default="full", help="gmm: covariance")
+    fit.add_argument("--covariance", choices=("full", "diag"), default="full", help="gmm, hmm: covariance")
+    fit.add_argument("--states", type=int, default=2, help="hmm, poisson-hmm, categorical-hmm: hidden states")
+    fit.add_argument("--symbols", type=int, default=None, help="categorical-hmm: number of symbols")
+    fit.add_argument("--sequence-column", default=None,
+                     help="hmm models: column of sequence ids in long-format data (default: one sequence)")
     fit.add_argument("--engine", default="nuts", help="nuts, hmc or svi")
     fit.add_argument("--out", default=None, help="run folder to write (default: runs/fit)")
     fit.add_argument("--resume", default=None, metavar="DIR",

@@ -49,6 +49,28 @@ def test_fit_diagnose_sample(csv, tmp_path, capsys):
     assert list(new.columns) == ["a", "b"] and len(new) == 5
 
 
+def test_poisson_hmm_map_point_estimate_fits_diagnoses_and_samples(tmp_path, capsys):
+    import latentkit as lk
+
+    lk.datasets.load_earthquakes().to_csv(tmp_path / "eq.csv", index=False)
+    run_dir = str(tmp_path / "run")
+    assert main(["fit", "poisson-hmm", "--data", str(tmp_path / "eq.csv"), "--columns", "count", "--states", "2",
+                 "--engine", "svi", "--guide", "delta", "--steps", "300", "--num-samples", "1", "--no-progress",
+                 "--out", run_dir]) == 0
+    rates = np.sort(lk.load(run_dir).posterior["rates"][0, 0])
+    np.testing.assert_allclose(rates, [15.5, 26.1], atol=1.0)  # Zucchini & MacDonald's 2-state MAP
+    assert main(["diagnose", run_dir]) == 0  # one draw: no R-hat or LOO-PIT to compute, no crash
+    capsys.readouterr()
+    assert main(["sample", run_dir, "-n", "4"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1 + 4
+
+
+def test_categorical_hmm_needs_symbols(tmp_path, capsys):
+    pd.DataFrame({"s": [0, 1, 2, 1]}).to_csv(tmp_path / "s.csv", index=False)
+    assert main(["fit", "categorical-hmm", "--data", str(tmp_path / "s.csv"), "--engine", "svi"]) == 2
+    assert "--symbols: categorical-hmm needs the number of symbols" in capsys.readouterr().err
+
+
 def test_fit_nuts_and_diagnose_exit_codes(csv, tmp_path):
     out = run("fit", "gmm", "--data", str(csv), "--columns", "a,b", "--engine", "nuts",
               "--num-chains", "2", "--num-warmup", "60", "--num-samples", "60", "--no-progress",

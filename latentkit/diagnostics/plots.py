@@ -34,6 +34,8 @@ __all__ = ["pair_names", "predictive_sites", "plot_trace", "plot_rank", "plot_pa
 MAX_VARS, MAX_SIZE = 6, 12
 #: Pair plots show at most this many scalar elements in all.
 MAX_PAIR = 4
+#: Fewer posterior draws than this get no LOO-PIT plot (PSIS fits a tail of 20% of the draws).
+MIN_PSIS_DRAWS = 20
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -238,7 +240,8 @@ def standard_plots(result: Result) -> list[tuple[str, Callable[[], Figure]]]:
     for site in sites:
         suffix = "" if len(sites) == 1 else f"_{site}"
         makers.append((f"ppc{suffix}", lambda site=site: plot_ppc(result, site)))
-        if site in result.log_likelihood:
+        # PSIS needs a tail of draws to fit; a point estimate (one draw) has none.
+        if site in result.log_likelihood and result.num_chains * result.num_draws >= MIN_PSIS_DRAWS:
             makers.append((f"loo_pit{suffix}", lambda site=site: plot_loo_pit(result, site)))
     return makers
 

@@ -1,6 +1,7 @@
 """The one result type every engine returns, and its conversion to ArviZ."""
 
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,8 @@ class Result:
             kwargs.setdefault("kind", "stats")
         # Constant elements (the unit diagonal of a correlation Cholesky factor) have no
         # variance: ArviZ reports NaN for their R-hat/ESS, which is right; silence numpy's noise.
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Degrees of freedom", RuntimeWarning)  # one draw: sd undefined
             return az.summary(self.to_arviz(), var_names=var_names, **kwargs)
 
     def save(self, path: str | Path, *, plots: bool = True) -> Path:
