@@ -14,7 +14,7 @@ import latentkit as lk
 
 def main(args: argparse.Namespace) -> None:
     data = lk.datasets.load_old_faithful()
-    draws = 100 if args.smoke else 1000
+    draws = 50 if args.smoke else 1000
     # A third component that the data hardly supports makes long trajectories; a smoke run caps them.
     tree = {"max_tree_depth": 5} if args.smoke else {}
     steps = 200 if args.smoke else 2000
