@@ -63,14 +63,13 @@ class Potential:
     def compile(self, z: torch.Tensor) -> bool:
         """Trace :meth:`energy` for batches shaped like ``z`` (C, D) with ``torch.jit.trace``.
 
-        Tracing runs the model once and records its tensor operations, removing Pyro's
-        per-call Python overhead (3-5x faster on small models). A trace freezes Python control
+        Tracing runs the model once (once per chain when the model does not broadcast over a
+        batch of chains) and records its tensor operations, removing Pyro's per-call Python
+        overhead (3-5x faster on small models). A trace freezes Python control
         flow, so the traced potential must match the eager one, value and gradient, at ``z``
         and at random points around it (scales ``_VERIFY_SCALES``); otherwise, or when tracing
         fails, the potential stays eager and this returns False with a warning.
         """
-        if not self.batched.vectorized:
-            return False  # one model call per chain: tracing would unroll it, no gain
         z = z.detach()
         generator = torch.Generator(device=z.device).manual_seed(0)
         probes = [z + scale * torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)

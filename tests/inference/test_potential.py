@@ -79,3 +79,19 @@ def test_jit_and_eager_fits_agree():
     # round-off can separate them; their means agree within Monte Carlo error (sd of mu is 3.3).
     np.testing.assert_allclose(fast.posterior["mu"][:, :20], slow.posterior["mu"][:, :20], rtol=1e-6)
     assert abs(fast.posterior["mu"].mean() - slow.posterior["mu"].mean()) < 4 * 3.3 / np.sqrt(100)
+
+
+def matmul_regression(X, y=None):
+    """Written as Pyro users often do: ``X @ beta`` does not broadcast over a batch of chains."""
+    beta = pyro.sample("beta", dist.Normal(0.0, 1.0).expand([X.shape[-1]]).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Normal((X @ beta.unsqueeze(-1)).squeeze(-1), 1.0), obs=y)
+
+
+def test_a_model_evaluated_chain_by_chain_is_traced_too():
+    X = torch.randn(30, 3, generator=torch.Generator().manual_seed(2))
+    potential, z = _potential(matmul_regression, {"X": X, "y": X.sum(-1)})
+    assert not potential.batched.vectorized
+    eager = potential(z + 1.0)
+    assert potential.compile(z)
+    torch.testing.assert_close(potential(z + 1.0), eager, rtol=1e-9, atol=1e-9)
