@@ -6,10 +6,11 @@ Each documents its input and output shapes; the autoregressive networks (:class:
 
 from latentkit.nn.autoregressive import AutoregressiveDistribution
 from latentkit.nn.conv import ConvDecoder, ConvEncoder
-from latentkit.nn.gan import Discriminator, Generator
+from latentkit.nn.gan import ConvDiscriminator, ConvGenerator, Discriminator, Generator
 from latentkit.nn.made import MADE, MaskedLinear
 from latentkit.nn.mlp import MLP
 from latentkit.nn.pixelcnn import MaskedConv2d, PixelCNN
 
 __all__ = ["MLP", "ConvEncoder", "ConvDecoder", "MADE", "MaskedLinear", "PixelCNN", "MaskedConv2d",
-           "AutoregressiveDistribution", "Generator", "Discriminator"]
+           "AutoregressiveDistribution", "Generator", "Discriminator",
+           "ConvGenerator", "ConvDiscriminator"]

@@ -85,3 +85,53 @@ def test_bad_input():
         sample_quality(X[:3], X)
     with pytest.raises(ConfigError, match="num_permutations"):
         sample_quality(X, X, num_permutations=0)
+
+
+@pytest.fixture(scope="module")
+def digits_split_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from latentkit.diagnostics.features import digits_split
+
+    data = load_digits()
+    train, test = digits_split()
+    X = data.data / 16.0
+    return X[train], data.target[train], X[test], data.target[test]
+
+
+def test_digits_classifier_accuracy_and_weights(digits_split_data):
+    from importlib import resources
+
+    from latentkit.diagnostics.features import WEIGHTS, digits_classifier
+
+    *_, X_test, y_test = digits_split_data
+    with torch.no_grad():
+        predicted = digits_classifier()(torch.as_tensor(X_test)).argmax(1).numpy()
+    # 0.982 for the shipped weights (scripts/train_digits_classifier.py); 450 images: a standard error of 0.006
+    assert (predicted == y_test).mean() >= 0.97
+    assert (resources.files("latentkit.diagnostics") / WEIGHTS).stat().st_size < 200_000  # type: ignore[attr-defined]
+
+
+def test_digits_features_identical_held_out_and_shuffled(digits_split_data):
+    X_train, _, X_test, _ = digits_split_data
+    same = sample_quality(X_test, X_test.reshape(-1, 1, 8, 8), features="digits", num_permutations=100)
+    assert same.frechet_distance == pytest.approx(0.0, abs=1e-6) and same.mmd_p_value > 0.05
+    assert same.num_features == 64
+    floor = sample_quality(X_train[:450], X_test, features="digits", num_permutations=100)  # held-out digits
+    shuffled = X_train[450:900].copy()
+    rng = np.random.default_rng(2)
+    for row in shuffled:
+        rng.shuffle(row)
+    far = sample_quality(shuffled, X_test, features="digits", num_permutations=100)
+    assert floor.mmd_p_value > 0.05 and far.mmd_p_value < 0.01
+    # test vs train: about 14; shuffled pixels: about 500
+    assert far.frechet_distance > 10 * floor.frechet_distance
+    assert far.precision < 0.3 < 0.8 < floor.precision
+
+
+def test_feature_space_errors(digits_split_data):
+    X = digits_split_data[0][:20]
+    with pytest.raises(ConfigError, match=r"features: unknown feature space 'inception'; choose one of \['digits'\]"):
+        sample_quality(X, X, features="inception")
+    with pytest.raises(ConfigError, match="features: must be None"):
+        sample_quality(X, X, features=3)
+    with pytest.raises(DataError, match="digits classifier takes 8 x 8 images"):
+        sample_quality(X[:, :10], X[:, :10], features="digits")

@@ -6,7 +6,7 @@ from torch.nn.utils import parametrize
 
 import latentkit as lk
 from latentkit.errors import ConfigError, DataError
-from latentkit.nn import Discriminator, Generator
+from latentkit.nn import ConvDiscriminator, ConvGenerator, Discriminator, Generator
 
 
 def test_shapes():
@@ -54,3 +54,25 @@ def test_bad_arguments():
         Generator(2, 5)(torch.zeros(4, 3))
     with pytest.raises(DataError, match="x: expected shape"):
         Discriminator((1, 8, 8))(torch.zeros(4, 64))
+
+
+def test_convolutional_players():
+    generator = ConvGenerator(5, (1, 8, 8), channels=(16, 8), output_activation="tanh")
+    x = generator(torch.randn(3, 4, 5))
+    assert x.shape == (3, 4, 1, 8, 8) and x.abs().max() <= 1 and generator.latent_dim == 5
+    assert ConvGenerator(2, (3, 16, 8), channels=(4, 4, 4))(torch.randn(2, 2)).shape == (2, 3, 16, 8)
+    critic = ConvDiscriminator((1, 8, 8), channels=(8, 16), spectral_norm=True)
+    assert critic(x).shape == (3, 4) and critic(x[0, 0]).shape == ()
+    layers = [m for m in critic.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == 3 and all(parametrize.is_parametrized(m) for m in layers)
+    transposed = [m for m in ConvGenerator(2, (1, 8, 8), spectral_norm=True).modules()
+                  if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(transposed) == 2 and all(parametrize.is_parametrized(m) for m in transposed)
+    gan = lk.models.GAN(generator, critic)
+    assert gan.data_shape == (1, 8, 8) and gan.sample(6, seed=0).shape == (6, 1, 8, 8)
+    with pytest.raises(ConfigError, match=r"divisible by 2\*\*len\(channels\) = 8"):
+        ConvGenerator(2, (1, 12, 12), channels=(4, 4, 4))
+    with pytest.raises(DataError, match=r"x: expected shape \(\.\.\., \*\(1, 8, 8\)\)"):
+        critic(torch.zeros(2, 64))
+    with pytest.raises(DataError, match="z: expected shape"):
+        generator(torch.zeros(2, 4))
