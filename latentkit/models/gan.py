@@ -10,6 +10,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from latentkit.errors import ConfigError, DataError
+from latentkit.models.base import LatentModel
 from latentkit.models.gan_prior import _infer_latent_dim, _positive_int
 
 __all__ = ["GAN", "averaged_generator"]
@@ -33,7 +34,7 @@ def averaged_generator(generator: nn.Module, decay: float) -> AveragedModel:
     return average.requires_grad_(False)
 
 
-class GAN(nn.Module):
+class GAN(LatentModel):
     """A generator G and a discriminator (critic) D (Goodfellow et al. 2014), for ``engine="adversarial"``.
 
     ``lk.fit(GAN(G, D), X, engine="adversarial", loss=...)`` trains both networks in place against
@@ -113,12 +114,8 @@ class GAN(nn.Module):
                 module.train(training)
         return tuple(fake.shape[1:])
 
-    def config(self) -> dict[str, Any]:
-        """How ``config.json`` names the model (the networks' weights are in ``params.safetensors``)."""
-        return {"name": "GAN", "class": "GAN", "args": dict(self.init_args)}
-
-    def prepare(self, data: Any) -> torch.Tensor:
-        """The data as a tensor ``(N, *data_shape)`` of the generator's dtype.
+    def prepare(self, data: Any) -> dict[str, torch.Tensor]:
+        """``{"X": data}``, the data as a tensor ``(N, *data_shape)`` of the generator's dtype.
 
         Raises:
             DataError: not numeric, NaN or infinite values, empty, or points of another shape than the
@@ -141,7 +138,12 @@ class GAN(nn.Module):
             raise DataError(f"data: needs at least 2 points, got {array.shape[0]}.")
         if not np.isfinite(array).all():
             raise DataError("data: contains NaN or infinite values; drop or impute those points.")
-        return torch.as_tensor(array.astype(float), dtype=self.dtype)
+        return {"X": torch.as_tensor(array.astype(float), dtype=self.dtype)}
+
+    def model(self, X: torch.Tensor) -> None:
+        """Refuses: a GAN defines no likelihood, so engines that need a Pyro model (SVI, MCMC) cannot fit it."""
+        raise ConfigError("engine: a GAN has no likelihood for SVI or MCMC; fit it with engine='adversarial' "
+                          "(or place a trained generator in lk.models.GANPrior to infer its latent).")
 
     def generate(self, z: torch.Tensor, *, ema: bool = True) -> torch.Tensor:
         """G(z) without gradients, in evaluation mode, from the averaged generator (``ema=False``: the last

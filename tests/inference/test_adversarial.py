@@ -39,12 +39,14 @@ def small_gan(seed: int = 0, *, latent_dim: int = 2, output: int = 2) -> lk.mode
     """MLP players in float32 (about twice as fast as float64 on CPU); ``seed`` fixes their initial weights."""
     torch.manual_seed(seed)
     generator = Generator(latent_dim, output, hidden=(64, 64)).float()
-    return lk.models.GAN(generator, Discriminator(output, hidden=(64, 64)).float())
+    return lk.models.GAN(generator, Discriminator(output, hidden=(128, 128)).float())
 
 
 # Steps measured on one core: non-saturating 1,000 steps ~2 s; wgan-gp (5 critic steps with a gradient
-# penalty each) 500 steps ~5 s. Before training (step 0) both rules fail: the samples sit near the origin.
-@pytest.mark.parametrize(("loss", "steps", "min_good"), [("non-saturating", 1000, 0.6), ("wgan-gp", 500, 0.3)])
+# penalty each) 700 steps ~8 s. Before training both rules fail: the samples sit near the origin. Other
+# seeds of networks and fit (0 to 4): non-saturating covered 8, 8, 6, 8, 8 modes with 82-89% high-quality
+# samples; wgan-gp 8 modes for seeds 0 to 3 with 48-60% (it sharpens more slowly).
+@pytest.mark.parametrize(("loss", "steps", "min_good"), [("non-saturating", 1000, 0.7), ("wgan-gp", 700, 0.4)])
 def test_ring_of_gaussians_covers_the_modes(ring, loss, steps, min_good):
     gan = small_gan()
     assert modes_covered(gan.sample(1000, seed=1).numpy()) == (0, 0.0)
@@ -90,6 +92,8 @@ def test_bad_input(ring):
         lk.fit(lk.models.GaussianMixture(2), ring, engine="adversarial", steps=1)
     with pytest.raises(ConfigError, match="discriminator: cannot score the generator's output of shape"):
         lk.models.GAN(Generator(2, 3), Discriminator(2))
+    with pytest.raises(ConfigError, match="a GAN has no likelihood for SVI or MCMC; fit it with engine='adversarial'"):
+        lk.fit(gan, ring, engine="svi", steps=1)
     with pytest.raises(ConfigError, match="generator: must be a torch.nn.Module"):
         lk.models.GAN(lambda z: z, Discriminator(2))
 
