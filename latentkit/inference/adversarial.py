@@ -120,6 +120,35 @@ def generator_loss(loss: str, fake: torch.Tensor) -> torch.Tensor:
     return -fake.mean()
 
 
+def _discriminator_step(opts: AdversarialOptions, optimizer: torch.optim.Optimizer, model: GAN, real: torch.Tensor,
+                        z: torch.Tensor) -> float:
+    """One discriminator update on ``real`` points and G(z); returns its loss (wgan-gp: with the penalty)."""
+    discriminator = model.discriminator
+    with torch.no_grad():
+        fake = model.generator(z)
+    optimizer.zero_grad(set_to_none=True)
+    scores = _scores(discriminator, torch.cat([real, fake]))  # one pass for both
+    loss = discriminator_loss(opts.loss, scores[:len(real)], scores[len(real):])
+    if opts.loss == "wgan-gp":
+        loss = loss + opts.gradient_penalty * _gradient_penalty(discriminator, real, fake)
+    loss.backward()
+    optimizer.step()  # the generator has no gradients: only the discriminator moves
+    return float(loss.detach())
+
+
+def _generator_step(opts: AdversarialOptions, optimizer: torch.optim.Optimizer, model: GAN, z: torch.Tensor) -> float:
+    """The generator's gradient at G(z) (the discriminator frozen meanwhile); returns its loss. The caller
+    steps the optimiser after checking the losses."""
+    optimizer.zero_grad(set_to_none=True)
+    model.discriminator.requires_grad_(False)
+    try:
+        loss = generator_loss(opts.loss, _scores(model.discriminator, model.generator(z)))
+        loss.backward()
+    finally:
+        model.discriminator.requires_grad_(True)
+    return float(loss.detach())
+
+
 class AdversarialEngine:
     """Trains a :class:`~latentkit.models.GAN`: ``discriminator_steps`` discriminator updates, then one
     generator update, ``steps`` times, with one Adam optimiser holding a parameter group per player
@@ -127,9 +156,10 @@ class AdversarialEngine:
 
     The result has one chain of ``num_samples`` draws: ``posterior["z"]`` (latent draws) and
     ``posterior_predictive["x"]`` (the averaged generator's points), ``losses`` the discriminator's loss
-    per step (``metrics.csv``), ``params`` every network weight (``generator.*``, ``discriminator.*``,
-    ``ema_generator.*``; :meth:`GAN.load_params <latentkit.models.GAN.load_params>` puts them back) and
-    both players' loss per step (``losses.discriminator``, ``losses.generator``).
+    per step (``metrics.csv``; wgan-gp: with the gradient penalty), ``params`` every network weight
+    (``generator.*``, ``discriminator.*``, ``ema_generator.*``; :meth:`GAN.load_params
+    <latentkit.models.GAN.load_params>` puts them back) and both players' loss per step
+    (``losses.discriminator``, ``losses.generator``). A GAN has no likelihood: no ``log_likelihood``.
 
     Shapes:
         ``posterior["z"]`` ``(1, num_samples, latent_dim)``; ``posterior_predictive["x"]``
@@ -167,12 +197,11 @@ class AdversarialEngine:
             if device is not None:
                 model.to(device)
                 X = X.to(device)
-            generator, discriminator = model.generator, model.discriminator
-            model.ema_generator = averaged_generator(generator, opts.ema_decay)
+            model.ema_generator = averaged_generator(model.generator, opts.ema_decay)
             model.train()
             optimizer = torch.optim.Adam(
-                [{"params": list(generator.parameters()), "lr": opts.generator_learning_rate},
-                 {"params": list(discriminator.parameters()), "lr": opts.discriminator_learning_rate}],
+                [{"params": list(model.generator.parameters()), "lr": opts.generator_learning_rate},
+                 {"params": list(model.discriminator.parameters()), "lr": opts.discriminator_learning_rate}],
                 betas=(opts.adam_beta1, opts.adam_beta2))
             named = {f"{name}.{key}": p for name in ("generator", "discriminator", "ema_generator")
                      for key, p in getattr(model, name).named_parameters()}
@@ -198,7 +227,6 @@ class AdversarialEngine:
                 start = checkpoint.step
             batch = min(opts.batch_size, X.shape[0])
             batches = Minibatches(X.shape[0], batch, seed=seed)
-            penalty = opts.gradient_penalty if opts.loss == "wgan-gp" else 0.0
 
             def latent() -> torch.Tensor:
                 return torch.randn(batch, model.latent_dim, dtype=X.dtype, device=X.device)
@@ -207,34 +235,17 @@ class AdversarialEngine:
             bar = tqdm(range(start, opts.steps), initial=start, total=opts.steps, desc="adversarial", unit="step",
                        disable=None if progress else True)
             for step in bar:
-                d_value = 0.0
-                for k in range(opts.discriminator_steps):
-                    real = X[batches.indices(step * opts.discriminator_steps + k)]
-                    with torch.no_grad():
-                        fake = generator(latent())
-                    optimizer.zero_grad(set_to_none=True)
-                    scores = _scores(discriminator, torch.cat([real, fake]))  # one pass for both
-                    loss = discriminator_loss(opts.loss, scores[:batch], scores[batch:])
-                    if penalty:
-                        loss = loss + penalty * _gradient_penalty(discriminator, real, fake)
-                    loss.backward()
-                    optimizer.step()  # the generator has no gradients: only the discriminator moves
-                    d_value += float(loss.detach()) / opts.discriminator_steps
-                optimizer.zero_grad(set_to_none=True)
-                discriminator.requires_grad_(False)
-                try:
-                    loss = generator_loss(opts.loss, _scores(discriminator, generator(latent())))
-                    loss.backward()
-                finally:
-                    discriminator.requires_grad_(True)
-                g_value = float(loss.detach())
+                d_value = sum(_discriminator_step(opts, optimizer, model, X[batches.indices(
+                    step * opts.discriminator_steps + k)], latent()) for k in range(opts.discriminator_steps))
+                d_value /= opts.discriminator_steps
+                g_value = _generator_step(opts, optimizer, model, latent())
                 if not (math.isfinite(d_value) and math.isfinite(g_value)):
                     raise InferenceError(
                         f"loss: became {d_value} (discriminator) / {g_value} (generator) at step {step}; lower "
                         f"generator_learning_rate ({opts.generator_learning_rate}) and discriminator_learning_rate "
                         f"({opts.discriminator_learning_rate}) or scale the data to about [-1, 1].")
                 optimizer.step()
-                model.ema_generator.update_parameters(generator)
+                model.ema_generator.update_parameters(model.generator)
                 losses[step] = d_value, g_value
                 done = step + 1
                 if step % 25 == 0 or done == opts.steps:

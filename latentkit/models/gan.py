@@ -63,6 +63,12 @@ class GAN(LatentModel):
         >>> gan = GAN(Generator(2, 3, hidden=(8,)), Discriminator(3, hidden=(8,)))
         >>> gan.latent_dim, gan.data_shape, tuple(gan.sample(5, seed=0).shape)
         (2, (3,), (5, 3))
+        >>> import latentkit as lk
+        >>> gan = lk.models.GAN(Generator(2, 3, hidden=(8,)), Discriminator(3, hidden=(8,)))
+        >>> X = np.random.default_rng(0).normal(size=(100, 3))
+        >>> res = lk.fit(gan, X, engine="adversarial", loss="hinge", steps=5, num_samples=4, progress=False)
+        >>> res.posterior_predictive["x"].shape, res.losses.shape, res.params["losses.generator"].shape
+        ((1, 4, 3), (5,), torch.Size([5]))
     """
 
     ema_generator: nn.Module | None
