@@ -27,8 +27,9 @@ def averaged_generator(generator: nn.Module, decay: float) -> AveragedModel:
     @torch.no_grad()
     def update(averages: list[torch.Tensor], current: list[torch.Tensor], count: torch.Tensor | int) -> None:
         # torch.optim.swa_utils.get_ema_multi_avg_fn has a fixed decay; this adds the warm-up.
-        t = int(count)
-        torch._foreach_lerp_(averages, current, 1.0 - min(decay, (1.0 + t) / (10.0 + t)))
+        weight = 1.0 - min(decay, (1.0 + int(count)) / (10.0 + int(count)))
+        for average, value in zip(averages, current, strict=True):
+            average.lerp_(value, weight)
 
     average = AveragedModel(generator, multi_avg_fn=update)
     return average.requires_grad_(False)
@@ -41,7 +42,8 @@ class GAN(LatentModel):
     each other (see :class:`~latentkit.inference.AdversarialOptions` for the losses and defaults) and
     keeps an exponential moving average of the generator's weights in :attr:`ema_generator` (a
     :class:`torch.optim.swa_utils.AveragedModel`), which :meth:`sample` uses. A GAN has no likelihood,
-    so the other engines refuse it.
+    so the other engines refuse it. A run folder holds every weight: ``lk.load(dir)`` returns the result
+    (without a model), and ``GAN(G, D).load_params(result)`` puts the weights back into new networks.
 
     Args:
         generator: a module mapping ``(batch, latent_dim)`` to ``(batch, *data_shape)``, e.g.
