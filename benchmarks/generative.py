@@ -16,7 +16,7 @@ Models: a DCGAN (``ConvGenerator`` latent 16, channels 64-32, tanh output on dat
 averaged generator), the VAE (MLP 64-256-8, Bernoulli likelihood on grey levels, samples are the
 decoder's means), and the diffusion model when ``lk.models.Diffusion`` exists.
 
-    python benchmarks/generative.py                 # 120 CPU seconds per model, about 6 minutes
+    python benchmarks/generative.py                 # 120 CPU seconds per model: 8 to 11 minutes on a busy machine
     python benchmarks/generative.py --smoke         # seconds
 """
 
