@@ -27,10 +27,22 @@ GUIDES = ("gaussian", "iaf")
 #: Elements (particles x points x decoder outputs) per decoder call in ``log_likelihood``:
 #: 2**22 doubles are 32 MiB per tensor.
 CHUNK_ELEMENTS = 2 ** 22
+#: Active-unit threshold on Var_x(E_q[z_l | x]) (Burda et al. 2016).
+ACTIVE_THRESHOLD = 0.01
 
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+def _kl_per_dim(q: dist.Normal) -> torch.Tensor:
+    """KL(q(z_l | x) || N(0, 1)) per dimension, averaged over the points of q's batch."""
+    return (0.5 * (q.scale ** 2 + q.loc ** 2 - 1) - q.scale.log()).mean(0)
+
+
+def _active_units(q: dist.Normal, threshold: float) -> torch.Tensor:
+    """How many dimensions have Var_x(E_q[z_l | x]) > threshold (a 0-d tensor)."""
+    return (q.loc.var(0) > threshold).sum()
 
 
 def _batched(net: nn.Module, x: torch.Tensor, event_rank: int) -> torch.Tensor:
@@ -455,6 +467,33 @@ class VAE(LatentModel):
                 total = part if total is None else torch.logaddexp(total, part)
         return total - math.log(num_particles)
 
+    def elbo_loss(self, kwargs: Mapping[str, Any], index: torch.Tensor | None,
+                  latent_scale: float = 1.0) -> torch.Tensor:
+        """The one-particle ``Trace_ELBO`` loss of :meth:`model` and :meth:`guide` on the points
+        ``index`` (None: all), scaled to the whole data, computed directly instead of through two
+        Pyro traces (the SVI engine's fast path; equal to Pyro's value on the same random numbers).
+
+        ``latent_scale`` multiplies the log-densities of ``z`` under the prior and the guide (KL
+        warm-up). ``kwargs`` are :meth:`prepare`'s output.
+        """
+        X, C = kwargs["X"], kwargs.get("C")
+        size = X.shape[0]
+        if index is not None:
+            X, C = X[index], (C[index] if C is not None else None)
+        q = self.encode(X, C)
+        z = q.rsample()
+        latent = self.prior().log_prob(z) - q.log_prob(z)
+        return -(size / X.shape[0]) * (self.decode(z, C).log_prob(X) + latent_scale * latent).sum()
+
+    def monitor(self, kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Posterior-collapse monitors on ``kwargs`` (:meth:`prepare`'s output), which the SVI engine
+        records after every epoch: ``kl_per_dim`` and ``active_units`` (Gaussian guide only; see
+        :meth:`kl_per_dim`, :meth:`active_units`)."""
+        if self.flows or kwargs["X"].shape[0] < 2:
+            return {}
+        q = self.encode(kwargs["X"], kwargs.get("C")).base_dist
+        return {"kl_per_dim": _kl_per_dim(q), "active_units": _active_units(q, ACTIVE_THRESHOLD)}
+
     def _gaussian_only(self, name: str, data: Any) -> dist.Normal:
         if self.flows:
             raise ConfigError(f"{name}: defined for the Gaussian guide; with guide='iaf' q(z | x) does not "
@@ -465,17 +504,16 @@ class VAE(LatentModel):
     def kl_per_dim(self, data: Any) -> torch.Tensor:
         """KL(q(z_l | x) || N(0, 1)) per latent dimension l, averaged over data points,
         ``(latent_dim,)``; the sum is the ELBO's KL term per data point."""
-        q = self._gaussian_only("kl_per_dim", data)
-        return (0.5 * (q.scale ** 2 + q.loc ** 2 - 1) - q.scale.log()).mean(0)
+        return _kl_per_dim(self._gaussian_only("kl_per_dim", data))
 
     @torch.no_grad()
-    def active_units(self, data: Any, threshold: float = 0.01) -> int:
+    def active_units(self, data: Any, threshold: float = ACTIVE_THRESHOLD) -> int:
         """Number of latent dimensions whose posterior mean varies with x: Var_x(E_q[z_l | x]) >
         ``threshold`` (Burda et al. 2016 use 0.01). Collapsed dimensions are inactive."""
-        loc = self._gaussian_only("active_units", data).loc
-        if loc.shape[0] < 2:
+        q = self._gaussian_only("active_units", data)
+        if q.loc.shape[0] < 2:
             raise DataError("data: active units need at least two data points.")
-        return int((loc.var(0) > threshold).sum())
+        return int(_active_units(q, threshold))
 
 
 class ConditionalVAE(VAE):
