@@ -4,10 +4,11 @@ from latentkit.models.base import LatentModel
 from latentkit.models.gan_prior import GANPrior
 from latentkit.models.gaussian_mixture import GaussianMixture
 from latentkit.models.hmm import CategoricalHMM, GaussianHMM, PoissonHMM
+from latentkit.models.semi_supervised_vae import SemiSupervisedVAE
 from latentkit.models.vae import VAE, ConditionalVAE
 
 __all__ = ["LatentModel", "GaussianMixture", "GaussianHMM", "CategoricalHMM", "PoissonHMM", "VAE", "ConditionalVAE",
-           "GANPrior", "MODELS"]
+           "SemiSupervisedVAE", "GANPrior", "MODELS"]
 
 #: Built-in model classes by name, used to rebuild models from a run folder's config.json.
 MODELS: dict[str, type[LatentModel]] = {
@@ -17,5 +18,6 @@ MODELS: dict[str, type[LatentModel]] = {
     "PoissonHMM": PoissonHMM,
     "VAE": VAE,
     "ConditionalVAE": ConditionalVAE,
+    "SemiSupervisedVAE": SemiSupervisedVAE,
     "GANPrior": GANPrior,
 }

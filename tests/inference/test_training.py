@@ -134,7 +134,8 @@ def test_warmup_runs_and_resume_with_epochs_is_exact(digits, tmp_path):
 
     stop_at_step_7.signum = 2  # SIGINT
     with pytest.raises(Interrupted):
-        SVIEngine(**options).fit(small_vae(), train, seed=1, progress=False, run_dir=tmp_path, should_stop=stop_at_step_7)
+        SVIEngine(**options).fit(small_vae(), train, seed=1, progress=False, run_dir=tmp_path,
+                                 should_stop=stop_at_step_7)
     resumed = SVIEngine(**options).fit(small_vae(), train, seed=1, progress=False, run_dir=tmp_path, resume=True)
     assert resumed == uninterrupted
     assert np.array_equal(resumed.epoch_metrics["validation_elbo"], uninterrupted.epoch_metrics["validation_elbo"])
@@ -144,7 +145,7 @@ def test_validation_for_a_model_with_enumeration():
     """A Gaussian mixture (assignments summed out by TraceEnum_ELBO): validation ELBO per step-epoch."""
     rng = np.random.default_rng(0)
     X = np.concatenate([rng.normal(-3, 1, (60, 2)), rng.normal(3, 1, (60, 2))])
-    res = lk.fit(lk.models.GaussianMixture(2, covariance="diag"), X[::2], engine="svi", epochs=40, validation=X[1::2], num_samples=5,
-                 seed=0, progress=False)
+    res = lk.fit(lk.models.GaussianMixture(2, covariance="diag"), X[::2], engine="svi", epochs=40,
+                 validation=X[1::2], num_samples=5, seed=0, progress=False)
     history = res.epoch_metrics["validation_elbo"]
     assert history.shape == (40,) and np.isfinite(history).all() and history[-1] > history[0]
