@@ -3,9 +3,11 @@
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+import arviz as az
 import numpy as np
 import pandas as pd
 import pyro
@@ -443,6 +445,16 @@ class VAE(LatentModel):
             likelihood = self.decode(self.prior().sample((int(n),)), context)
             return self._mean(likelihood) if mean else likelihood.sample()
 
+    def _log_weights(self, X: torch.Tensor, context: torch.Tensor | None, num_particles: int) -> Iterator[torch.Tensor]:
+        """``log p(x, z_k) - log q(z_k | x)`` for z_k ~ q(z | x), in chunks ``(particles, N)`` of about
+        ``CHUNK_ELEMENTS / (N * outputs per point)`` particles."""
+        chunk = max(1, CHUNK_ELEMENTS // (X.shape[0] * math.prod(self.decoder_output_shape)))
+        q = self.encode(X, context)
+        prior = self.prior()
+        for start in range(0, num_particles, chunk):
+            z = q.sample((min(chunk, num_particles - start),))
+            yield self.decode(z, context).log_prob(X) + prior.log_prob(z) - q.log_prob(z)
+
     @torch.no_grad()
     def log_likelihood(self, data: Any, num_particles: int = 1000, seed: int | None = None) -> torch.Tensor:
         """Importance-weighted estimate of log p(x) per data point, ``(N,)`` (Burda et al. 2016).
@@ -455,17 +467,31 @@ class VAE(LatentModel):
         if not _positive_int(num_particles):
             raise ConfigError(f"num_particles: must be a positive integer, got {num_particles!r}.")
         X, context = self._split(data)
-        chunk = max(1, CHUNK_ELEMENTS // (X.shape[0] * math.prod(self.decoder_output_shape)))
         total = None
         with _seeded(seed):
-            q = self.encode(X, context)
-            prior = self.prior()
-            for start in range(0, num_particles, chunk):
-                z = q.sample((min(chunk, num_particles - start),))
-                log_w = self.decode(z, context).log_prob(X) + prior.log_prob(z) - q.log_prob(z)
+            for log_w in self._log_weights(X, context, num_particles):
                 part = torch.logsumexp(log_w, 0)
                 total = part if total is None else torch.logaddexp(total, part)
         return total - math.log(num_particles)
+
+    @torch.no_grad()
+    def pareto_k(self, data: Any, num_particles: int = 1000, seed: int | None = 0) -> np.ndarray:
+        """Pareto k-hat per data point of the importance ratios p(x, z) / q(z | x), z ~ q(z | x),
+        ``(N,)``: how well the amortised guide covers each point's posterior (Yao et al. 2018;
+        ``az.psislw``). Below 0.5 the encoder fits p(z | x) well, up to 0.7 importance sampling
+        corrects it (and :meth:`log_likelihood` is reliable), above 0.7 q misses posterior mass;
+        -inf where the ratios are constant (q is the posterior)."""
+        if not _positive_int(num_particles) or num_particles < 10:
+            raise ConfigError(f"num_particles: k-hat needs at least 10 particles, got {num_particles!r}.")
+        X, context = self._split(data)
+        with _seeded(seed):
+            log_w = torch.cat(list(self._log_weights(X, context, num_particles))).T.double().cpu().numpy()
+        # Constant ratios (q equal to the posterior) leave nothing to fit: ArviZ returns inf or NaN there.
+        constant = np.ptp(log_w, axis=1) < 1e-8 * np.maximum(1.0, np.abs(log_w).max(axis=1))
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # ArviZ's "k-hat too high" warning: we report k-hat
+            _, khat = az.psislw(log_w, reff=1.0)
+        return np.where(constant, -np.inf, np.asarray(khat, dtype=float))
 
     def elbo_loss(self, kwargs: Mapping[str, Any], index: torch.Tensor | None,
                   latent_scale: float = 1.0) -> torch.Tensor:

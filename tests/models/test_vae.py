@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import latentkit as lk
+from latentkit.diagnostics import check
 from latentkit.errors import ConfigError, DataError
 from latentkit.nn import MADE, ConvDecoder, ConvEncoder, PixelCNN
 
@@ -297,3 +298,42 @@ def test_pixelcnn_decoder(digits):
     assert set(vae.sample(2).unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(DataError, match="decoder: a PixelCNN over shape"):
         lk.models.VAE(input_shape=(1, 8, 8), latent_dim=2, decoder=PixelCNN((1, 8, 8), context_dim=3))
+
+
+def _pareto_check(result):
+    return next(c for c in check(result).checks if c.name == "pareto_k")
+
+
+def test_per_point_khat_tells_a_good_encoder_from_a_too_narrow_one():
+    """The SVI check of an amortised guide is per data point. Linear-Gaussian VAE (exact posterior
+    known): an encoder shifted by 0.5 and 1.5 times too wide has bounded importance
+    ratios (k-hat <= 0.5 at every point: pass); one exp(-0.7) = 0.5 times too narrow has heavy-tailed
+    ratios (k-hat near 1 at most points: fail). learning_rate=0 keeps the encoder as built."""
+    verdicts = {}
+    for name in ("wide", "narrow"):
+        torch.manual_seed(0)
+        vae, marginal = linear_gaussian_vae(exact_encoder=name == "narrow")
+        if name == "narrow":
+            with torch.no_grad():
+                vae.encoder.bias[2:] -= 0.7
+        X = marginal.sample((600,))  # 600 x 2 latent values: too many for the joint check
+        res = lk.fit(vae, X.numpy(), engine="svi", steps=20, learning_rate=0.0, num_samples=2, seed=0,
+                     progress=False)
+        verdicts[name] = _pareto_check(res)
+    assert verdicts["wide"].verdict == "pass" and verdicts["wide"].value <= 0.5
+    assert "per-point k-hat of the amortised guide on 200 data points" in verdicts["wide"].reason
+    assert verdicts["narrow"].verdict == "fail" and verdicts["narrow"].value > 0.7
+
+
+def test_loaded_vae_result_is_checked_with_its_fitted_networks(tmp_path):
+    X = (load_digits().data[:600] > 8).astype(float)  # 600 x 4 latent values: checked per point
+    torch.manual_seed(0)
+    vae = lk.models.VAE(input_dim=64, latent_dim=4, hidden=(32,))
+    res = lk.fit(vae, X, engine="svi", epochs=3, batch_size=100, learning_rate=1e-2, num_samples=2, seed=0,
+                 progress=False)
+    fitted = _pareto_check(res)
+    assert fitted.verdict in ("pass", "warn", "fail") and np.isfinite(fitted.value)
+    assert "point estimate" not in fitted.reason
+    res.save(tmp_path / "run", plots=False)
+    loaded = _pareto_check(lk.load(tmp_path / "run"))
+    assert loaded.value == fitted.value and loaded.reason == fitted.reason
