@@ -7,7 +7,6 @@ means when k-hat allows; for a guide with latent variables per data point (a VAE
 encoder) k-hat is computed per data point instead.
 """
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -15,7 +14,6 @@ from typing import Any, Literal
 import arviz as az
 import numpy as np
 import pandas as pd
-import torch
 
 from latentkit.errors import LatentkitError
 from latentkit.inference.result import Result
@@ -285,12 +283,9 @@ def _local_pareto_k(result: Result) -> Check:
     data points with ``LOCAL_PARTICLES`` draws of q(z | x) each.
     """
     model = result.model
-    state = {k.removeprefix("model."): v for k, v in result.params.items() if k.startswith("model.")}
     khat = None
     if callable(getattr(model, "pareto_k", None)) and "obs" in result.observed_data:
-        if isinstance(model, torch.nn.Module) and state:  # a loaded result's model is rebuilt untrained
-            model = copy.deepcopy(model)
-            model.load_state_dict(state)
+        model = result.fitted_model()  # a loaded result's model is rebuilt untrained
         X = np.asarray(result.observed_data["obs"])
         rows = np.unique(np.linspace(0, len(X) - 1, min(len(X), LOCAL_POINTS)).astype(int))
         data = (X[rows], np.asarray(result.constant_data["C"])[rows]) if "C" in result.constant_data else X[rows]

@@ -1,5 +1,6 @@
 """The one result type every engine returns, and its conversion to ArviZ."""
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field, fields
@@ -151,6 +152,17 @@ class Result:
         for dataset in groups.values():
             dataset.attrs.update(attrs)
         return az.InferenceData(**groups)
+
+    def fitted_model(self) -> Any:
+        """The fitted model: :attr:`model` with the network weights of :attr:`params` (``model.*``)
+        loaded into a copy, since a loaded result's model is rebuilt from ``config`` untrained; the
+        model itself when there are no such weights."""
+        state = {k.removeprefix("model."): v for k, v in self.params.items() if k.startswith("model.")}
+        if not isinstance(self.model, torch.nn.Module) or not state:
+            return self.model
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(state)
+        return model
 
     def summary(self, var_names: list[str] | None = None, **kwargs: Any) -> pd.DataFrame:
         """ArviZ's summary table (mean, sd, hdi, mcse, ess_bulk, ess_tail, r_hat).

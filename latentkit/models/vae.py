@@ -430,6 +430,18 @@ class VAE(LatentModel):
         return self._mean(self.decode(self._posterior_point(X, context), context))
 
     @torch.no_grad()
+    def decode_mean(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's mean at z, ``z.shape[:-1] + input_shape`` (categorical: the most probable
+        category; autoregressive decoder: a draw), as :meth:`reconstruct` shows it."""
+        return self._mean(self.decode(z, context))
+
+    def plots(self, result: Any) -> list[tuple[str, Any]]:
+        """The run-folder plots of a fit of this VAE (see :mod:`latentkit.models.vae_plots`)."""
+        from latentkit.models.vae_plots import vae_plots
+
+        return vae_plots(result)
+
+    @torch.no_grad()
     def sample(self, n: int, mean: bool = False, seed: int | None = None, context: Any = None) -> torch.Tensor:
         """``n`` new data points ``(n, *input_shape)`` from z ~ p(z): draws of p(x | z), or with
         ``mean=True`` its means (as :meth:`reconstruct`). A conditional VAE needs ``context``: one

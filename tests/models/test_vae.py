@@ -3,6 +3,7 @@ the KL monitors, other likelihoods and decoders, and bad input."""
 
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -337,3 +338,25 @@ def test_loaded_vae_result_is_checked_with_its_fitted_networks(tmp_path):
     res.save(tmp_path / "run", plots=False)
     loaded = _pareto_check(lk.load(tmp_path / "run"))
     assert loaded.value == fitted.value and loaded.reason == fitted.reason
+
+
+def test_run_folder_has_the_vae_plots(digits, tmp_path):
+    """Reconstructions, samples, latent traversals and the per-epoch curves are written to the run folder,
+    also by a loaded result (whose networks come from the saved weights), and for a conditional VAE."""
+    train, test = digits
+    vae = lk.models.VAE(input_dim=64, latent_dim=2, hidden=(16,))
+    res = lk.fit(vae, train[:200], engine="svi", epochs=2, batch_size=100, validation=test[:50], num_samples=2,
+                 seed=0, progress=False, out=tmp_path / "run")
+    wanted = {"reconstructions.png", "samples.png", "latent_traversals.png", "epochs.png", "elbo.png"}
+    assert wanted <= {p.name for p in (tmp_path / "run" / "plots").iterdir()}
+    assert "epochs" in dict(vae.plots(res)) and len(res.epoch_metrics["validation_elbo"]) == 2
+    loaded = lk.load(tmp_path / "run")  # its model is rebuilt untrained: the plots use the saved weights
+    assert torch.equal(loaded.fitted_model().reconstruct(test[:5]), vae.reconstruct(test[:5]))
+    assert [stem for stem, _ in loaded.model.plots(loaded)] == [stem for stem, _ in vae.plots(res)]
+    cvae = lk.models.ConditionalVAE(input_dim=64, latent_dim=2, context_dim=10, hidden=(16,))
+    labels = load_digits().target[np.random.default_rng(0).permutation(1797)[:200]]
+    res = lk.fit(cvae, (train[:200], labels), engine="svi", epochs=1, batch_size=100, num_samples=2, seed=0,
+                 progress=False)
+    assert {"reconstructions", "samples", "latent_traversals"} <= {stem for stem, _ in cvae.plots(res)}
+    for _, make in cvae.plots(res):
+        plt.close(make())
