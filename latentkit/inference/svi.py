@@ -275,7 +275,9 @@ class SVIEngine:
                 start = checkpoint.step
             writes = folder is not None and rank == 0
             last_write = time.monotonic()
-            bar = tqdm(range(start, total), initial=start, total=total, desc="svi", unit="step",
+            # A resumed run whose last checkpoint came when early stopping ended it does not go on.
+            end = start if record.should_stop() else total
+            bar = tqdm(range(start, end), initial=start, total=total, desc="svi", unit="step",
                        disable=None if progress and rank == 0 else True)
             done = start
             for step in bar:
@@ -303,12 +305,11 @@ class SVIEngine:
                 if record_epochs and done % per_epoch == 0:
                     record.add(epoch_metrics(done - per_epoch, done))
                     stop_early = record.should_stop()
-                    held_out = record.metrics.get("validation_elbo")
-                    bar.set_postfix(loss=f"{value:.4g}", **({"validation_elbo": f"{held_out[-1]:.4g}"}
-                                                            if held_out else {}))
+                    shown = [name for name in ("validation_elbo", "active_units") if name in record.metrics]
+                    bar.set_postfix(loss=f"{value:.4g}", **{name: f"{record.metrics[name][-1]:.4g}" for name in shown})
                 elif step % 25 == 0 or done == total:
                     bar.set_postfix(loss=f"{value:.4g}")
-                if folder is not None and (due or signum is not None):
+                if folder is not None and (due or signum is not None or stop_early):
                     ranks = distributed.gather_rng(cuda) if context is not None else None
                     if writes:
                         save_checkpoint(folder, state.checkpoint(done, fingerprint, ranks))

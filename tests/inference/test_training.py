@@ -120,6 +120,10 @@ def test_early_stopping_restores_the_best_epoch(digits, tmp_path):
     assert -evaluate(lambda: vae.elbo_loss(vae.prepare(test), None, 1.0), 0, []) == pytest.approx(history[best],
                                                                                                  rel=1e-12)
     assert lk.load(tmp_path / "run", model=vae) == res
+    # the checkpoint written when early stopping ended the run: resuming it changes nothing
+    resumed = lk.fit(small_vae(), train[:100], engine="svi", epochs=300, batch_size=50, learning_rate=3e-2,
+                     validation=test, patience=3, num_samples=2, seed=0, progress=False, resume=tmp_path / "run")
+    assert resumed == res
 
 
 def test_warmup_runs_and_resume_with_epochs_is_exact(digits, tmp_path):
