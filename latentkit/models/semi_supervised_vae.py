@@ -13,7 +13,15 @@ from pyro import poutine
 from torch import nn
 
 from latentkit.errors import ConfigError, DataError
-from latentkit.models.vae import ACTIVE_THRESHOLD, ConditionalVAE, _active_units, _batched, _kl_per_dim, _positive_int
+from latentkit.models.vae import (
+    ACTIVE_THRESHOLD,
+    ConditionalVAE,
+    _active_units,
+    _batched,
+    _kl_per_dim,
+    _positive_int,
+    monitored_rows,
+)
 from latentkit.nn import MLP
 
 __all__ = ["SemiSupervisedVAE"]
@@ -178,10 +186,12 @@ class SemiSupervisedVAE(ConditionalVAE):
 
     def monitor(self, kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Posterior-collapse monitors of q(z | x, y) with the known labels and, where missing, the
-        classifier's: ``kl_per_dim``, ``active_units`` (Gaussian guide only)."""
-        X, Y, known = kwargs["X"], kwargs["Y"], kwargs["labelled"]
-        if self.flows or X.shape[0] < 2:
+        classifier's: ``kl_per_dim``, ``active_units`` (Gaussian guide only; on at most ``MONITOR_POINTS``
+        evenly spaced points)."""
+        if self.flows or kwargs["X"].shape[0] < 2:
             return {}
+        rows = monitored_rows(kwargs["X"].shape[0])
+        X, Y, known = kwargs["X"][rows], kwargs["Y"][rows], kwargs["labelled"][rows]
         y = torch.where(known, Y, self._class_logits(X).argmax(-1))
         q = self.encode(X, self._one_hot(y)).base_dist
         return {"kl_per_dim": _kl_per_dim(q), "active_units": _active_units(q, ACTIVE_THRESHOLD)}
