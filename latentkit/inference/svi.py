@@ -306,7 +306,8 @@ class SVIEngine:
                     record.add(epoch_metrics(done - per_epoch, done))
                     stop_early = record.should_stop()
                     shown = [name for name in ("validation_elbo", "active_units") if name in record.metrics]
-                    bar.set_postfix(loss=f"{value:.4g}", **{name: f"{record.metrics[name][-1]:.4g}" for name in shown})
+                    bar.set_postfix(loss=f"{value:.4g}", refresh=False,  # drawn at tqdm's own pace
+                                    **{name: f"{record.metrics[name][-1]:.4g}" for name in shown})
                 elif step % 25 == 0 or done == total:
                     bar.set_postfix(loss=f"{value:.4g}")
                 if folder is not None and (due or signum is not None or stop_early):
