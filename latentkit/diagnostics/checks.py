@@ -39,8 +39,9 @@ ELBO_RTOL = 1e-3
 KHAT_GOOD, KHAT_MAX = 0.5, 0.7
 #: Guides with latent variables per data point (amortised encoders) are checked per point, on this many
 #: points with this many draws each (Vehtari et al. 2024 trust k-hat from 10^(1 / (1 - k)) draws: 1,000
-#: cover k up to 0.67), and fail when more than this share of the points has k-hat > 0.7.
-LOCAL_POINTS, LOCAL_PARTICLES, LOCAL_BAD_SHARE = 200, 1000, 0.1
+#: cover k up to 0.67). Some points above 0.7 are usual for an amortised Gaussian encoder (the
+#: amortisation gap): a warning; the check fails when most points are above.
+LOCAL_POINTS, LOCAL_PARTICLES, LOCAL_BAD_SHARE = 200, 1000, 0.5
 
 
 @dataclass(frozen=True)

@@ -308,15 +308,15 @@ def _pareto_check(result):
 def test_per_point_khat_tells_a_good_encoder_from_a_too_narrow_one():
     """The SVI check of an amortised guide is per data point. Linear-Gaussian VAE (exact posterior
     known): an encoder shifted by 0.5 and 1.5 times too wide has bounded importance
-    ratios (k-hat <= 0.5 at every point: pass); one exp(-0.7) = 0.5 times too narrow has heavy-tailed
-    ratios (k-hat near 1 at most points: fail). learning_rate=0 keeps the encoder as built."""
+    ratios (k-hat <= 0.5 at every point: pass); one exp(-1) = 0.37 times as wide as the posterior has
+    heavy-tailed ratios (k-hat > 0.7 at most points: fail). learning_rate=0 keeps the encoder as built."""
     verdicts = {}
     for name in ("wide", "narrow"):
         torch.manual_seed(0)
         vae, marginal = linear_gaussian_vae(exact_encoder=name == "narrow")
         if name == "narrow":
             with torch.no_grad():
-                vae.encoder.bias[2:] -= 0.7
+                vae.encoder.bias[2:] -= 1.0
         X = marginal.sample((600,))  # 600 x 2 latent values: too many for the joint check
         res = lk.fit(vae, X.numpy(), engine="svi", steps=20, learning_rate=0.0, num_samples=2, seed=0,
                      progress=False)
