@@ -74,7 +74,8 @@ class SVIOptions:
     kl_warmup_start: float = field(default=0.0, metadata={
         "min": 0.0, "help": "the KL warm-up's first scale factor, in [0, 1]"})
     validation: Any = field(default=None, metadata={
-        "help": "held-out data in the form of the training data: its ELBO is recorded after every epoch"})
+        "help": "held-out data in the form of the training data (on the command line: a file read like --data): "
+                "its ELBO is recorded after every epoch"})
     patience: int | None = field(default=None, metadata={
         "min": 1, "help": "with validation: stop after this many epochs without a better validation ELBO "
                           "and restore the parameters of the best epoch"})
