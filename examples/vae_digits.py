@@ -1,11 +1,13 @@
 """A variational autoencoder on scikit-learn's handwritten digits (8x8, bundled, nothing downloaded).
 
-Shows ``lk.models.VAE`` trained by the SVI engine on minibatches with its own amortised guide,
-the held-out importance-weighted log-likelihood (IWAE) before and after training, the
-posterior-collapse monitors (KL per latent dimension, active units), the encoder against the
-exact posterior p(z | x) sampled by NUTS with the decoder fixed (the amortisation gap), an IAF
-guide for comparison, and a run folder with reconstructions, samples, latent traversals and the
-ELBO curve.
+Shows ``lk.models.VAE`` trained by the SVI engine by epochs of minibatches with its own amortised
+guide, a KL warm-up, the validation ELBO per epoch with early stopping, the held-out
+importance-weighted log-likelihood (IWAE) before and after training, the posterior-collapse
+monitors per epoch (KL per latent dimension, active units), the quality check of the encoder
+(Pareto k-hat per data point), the encoder against the exact posterior p(z | x) sampled by NUTS
+with the decoder fixed (the amortisation gap), an IAF guide for comparison, and a run folder
+whose plots/ hold reconstructions, samples, latent traversals, the ELBO curve and the per-epoch
+curves.
 
 The digits are binarised (pixel > 8 of 16), so the Bernoulli log-likelihoods are in nats.
 """
@@ -13,29 +15,11 @@ The digits are binarised (pixel > 8 of 16), so the Bernoulli log-likelihoods are
 import argparse
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-
-import latentkit as lk  # noqa: E402
-from latentkit.diagnostics.plots import plot_elbo  # noqa: E402
-
-
-def image_grid(rows: list[np.ndarray], titles: list[str], path: Path) -> None:
-    """One row of 8x8 images per array in ``rows``."""
-    fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(len(rows[0]), len(rows) * 1.1), squeeze=False)
-    for r, (images, title) in enumerate(zip(rows, titles, strict=True)):
-        for c, image in enumerate(images):
-            axes[r, c].imshow(image.reshape(8, 8), cmap="gray_r", vmin=0, vmax=1)
-            axes[r, c].axis("off")
-        axes[r, 0].set_title(title, fontsize=8, loc="left")
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+import latentkit as lk
 
 
 def amortisation_gap(vae: lk.models.VAE, x: np.ndarray, args: argparse.Namespace) -> None:
@@ -59,40 +43,27 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     X = (load_digits().data > 8).astype(float)
     order = np.random.default_rng(args.seed).permutation(len(X))
-    train, test = X[order[:1500]], X[order[1500:]]
-    epochs = 2 if args.smoke else 100
-    batch_size = 100
+    train, valid, test = X[order[:1300]], X[order[1300:1500]], X[order[1500:]]
     particles = 20 if args.smoke else 1000  # IWAE particles for the held-out log-likelihood
-    out = Path(args.out) / "vae_digits"
+    options = dict(engine="svi", epochs=2 if args.smoke else 300, batch_size=100, learning_rate=1e-3,
+                   kl_warmup=1 if args.smoke else 10, validation=valid, patience=10,
+                   num_samples=4 if args.smoke else 20, seed=args.seed, progress=not args.smoke)
     for guide in ("gaussian",) if args.smoke else ("gaussian", "iaf"):
         vae = lk.models.VAE(input_dim=64, latent_dim=8, hidden=(256,), guide=guide)
         before = vae.log_likelihood(test, num_particles=particles, seed=0).mean()
-        res = lk.fit(vae, train, engine="svi", steps=epochs * len(train) // batch_size, batch_size=batch_size,
-                     learning_rate=1e-3, num_samples=4 if args.smoke else 20, seed=args.seed, progress=not args.smoke)
+        out = Path(args.out) / f"vae_digits_{guide}"
+        res = lk.fit(vae, train, out=out, **options)
         after = vae.log_likelihood(test, num_particles=particles, seed=0).mean()
-        print(f"guide={guide}: held-out log p(x) (IWAE, K={particles}) {before:.2f} -> {after:.2f} nats per image")
+        stopping = res.config["early_stopping"]
+        print(f"guide={guide}: {stopping['epochs_run']} epochs, best validation ELBO at epoch {stopping['best_epoch']} "
+              f"(networks restored from it); held-out log p(x) (IWAE, K={particles}) {before:.2f} -> {after:.2f} "
+              f"nats per image; run folder with plots: {out}")
         if guide == "gaussian":
-            kl = vae.kl_per_dim(test)
-            print("KL per latent dimension (nats):", np.round(kl.numpy(), 2), f"sum {kl.sum():.2f}")
-            print(f"active units: {vae.active_units(test)} of {vae.latent_dim}")
-            res.save(out, plots=False)
-            (out / "plots").mkdir(exist_ok=True)
-            recon = vae.reconstruct(test[:10]).numpy()
-            image_grid([test[:10], recon], ["held-out digits", "reconstructions"],
-                       out / "plots" / "reconstructions.png")
-            image_grid([vae.sample(10, mean=True, seed=args.seed).numpy()], ["samples (means of p(x|z))"],
-                       out / "plots" / "samples.png")
-            with torch.no_grad():  # latent traversals: one dimension from -2.5 to 2.5 sd, the others at 0
-                grid = torch.linspace(-2.5, 2.5, 9)
-                rows = []
-                for dim in range(vae.latent_dim):
-                    z = torch.zeros(9, vae.latent_dim)
-                    z[:, dim] = grid
-                    rows.append(vae.decode(z).base_dist.probs.numpy())
-            image_grid(rows, [f"z[{d}]" for d in range(vae.latent_dim)], out / "plots" / "latent_traversals.png")
-            plot_elbo(res).savefig(out / "plots" / "elbo.png", dpi=80)
-            plt.close("all")
-            print(f"run folder with plots: {out}")
+            kl = res.epoch_metrics["kl_per_dim"]
+            print("KL per latent dimension (nats) on the validation data, first and best epoch:",
+                  np.round(kl[0], 2), np.round(kl[stopping["best_epoch"] - 1], 2))
+            print("active units per epoch:", res.epoch_metrics["active_units"].astype(int)[::max(1, len(kl) // 10)])
+            print(next(c for c in lk.diagnostics.check(res).checks if c.name == "pareto_k").reason)
             amortisation_gap(vae, test[:2 if args.smoke else 10], args)
 
 

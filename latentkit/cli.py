@@ -141,7 +141,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out: --resume continues in its own folder {args.resume!r}; drop --out.")
     out = Path(args.resume or args.out or "runs/fit")
     distributed = args.distributed or launched_by_torchrun()
-    result = _fit_model(data, args, args.engine, _engine_options(args), out, args.resume, distributed)
+    options = _engine_options(args)
+    if "validation" in options:  # a held-out file read like --data
+        options["validation"] = _read_table(options["validation"], args.columns)
+    result = _fit_model(data, args, args.engine, options, out, args.resume, distributed)
     if rank() == 0:
         _print_fit(result, out)
     return 0

@@ -156,15 +156,19 @@ def load(path: str | Path, model: Any = None) -> Result:
         if group in idata.groups():
             dataset = idata[group]
             groups[group] = {k: dataset[k].values for k in dataset.data_vars}
-    losses = None
+    losses, epoch_metrics = None, {}
     if "optimization" in idata.groups():
-        losses = idata["optimization"]["loss"].values
+        optimization = idata["optimization"]
+        losses = optimization["loss"].values
+        epoch_metrics = {k.removeprefix("epoch_"): optimization[k].values for k in optimization.data_vars
+                         if k.startswith("epoch_")}
     return Result(
         **groups,
         dims=dims,
         coords=coords,
         params=params,
         losses=losses,
+        epoch_metrics=epoch_metrics,
         config=config,
         model=model if model is not None else _rebuild_model(config),
     )

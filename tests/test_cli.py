@@ -49,6 +49,18 @@ def test_fit_diagnose_sample(csv, tmp_path, capsys):
     assert list(new.columns) == ["a", "b"] and len(new) == 5
 
 
+def test_fit_with_epochs_and_a_validation_file(csv, tmp_path, capsys):
+    import latentkit as lk
+
+    held_out = tmp_path / "held_out.csv"
+    pd.read_csv(csv).sample(frac=0.5, random_state=0).to_csv(held_out, index=False)
+    assert main(["fit", "gmm", "--data", str(csv), "--columns", "a,b", "--components", "2", "--engine", "svi",
+                 "--epochs", "30", "--validation", str(held_out), "--num-samples", "20", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 0
+    validation = lk.load(tmp_path / "run").epoch_metrics["validation_elbo"]
+    assert validation.shape == (30,) and validation[-1] > validation[0]
+
+
 def test_poisson_hmm_map_point_estimate_fits_diagnoses_and_samples(tmp_path, capsys):
     import latentkit as lk
 

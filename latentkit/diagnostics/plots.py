@@ -236,6 +236,8 @@ def standard_plots(result: Result) -> list[tuple[str, Callable[[], Figure]]]:
         makers.append(("energy", lambda: plot_energy(result)))
     if result.losses is not None:
         makers.append(("elbo", lambda: plot_elbo(result)))
+    if callable(getattr(result.model, "plots", None)):  # the model's own plots (a VAE's reconstructions, ...)
+        makers.extend(result.model.plots(result))
     sites = predictive_sites(result)
     for site in sites:
         suffix = "" if len(sites) == 1 else f"_{site}"

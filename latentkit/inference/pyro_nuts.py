@@ -2,6 +2,7 @@
 checked and benchmarked against, with the same options and the same kind of result."""
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -49,9 +50,14 @@ class PyroNUTSEngine:
                           max_plate_nesting=target.max_plate_nesting,
                           # Pyro's default init_to_uniform raises on ImproperUniform sites.
                           init_strategy=init_to_unconstrained_uniform())
-            mcmc = MCMC(kernel, num_samples=opts.num_samples, warmup_steps=opts.num_warmup,
-                        num_chains=opts.num_chains, disable_progbar=not progress)
-            mcmc.run(**target.kwargs)
+            with warnings.catch_warnings():
+                # Running chains one after another on a small machine is documented above; Pyro's
+                # jit_compile is built on torch.jit.trace, which torch now marks deprecated.
+                warnings.filterwarnings("ignore", "num_chains=.* is more than available_cpu", UserWarning)
+                warnings.filterwarnings("ignore", ".*torch.jit.trace. is deprecated", DeprecationWarning)
+                mcmc = MCMC(kernel, num_samples=opts.num_samples, warmup_steps=opts.num_warmup,
+                            num_chains=opts.num_chains, disable_progbar=not progress)
+                mcmc.run(**target.kwargs)
             samples = mcmc.get_samples(group_by_chain=True)
             samples = {k: v.reshape(v.shape[:2] + target.sites[k].shape) for k, v in samples.items()}
             diverging = np.zeros((opts.num_chains, opts.num_samples), dtype=bool)
@@ -64,7 +70,11 @@ class PyroNUTSEngine:
                 "seed": seed,
                 "versions": versions(),
             }
-            return complete_result(target, BatchedModel(target), samples, model=model,
+            batched = BatchedModel(target)
+            # As the fast engine does: evaluate draws one at a time if the model does not broadcast
+            # over a batch of them (e.g. `X @ beta`), instead of broadcasting it into huge tensors.
+            batched.check_vectorization({k: v[:, 0] for k, v in samples.items()})
+            return complete_result(target, batched, samples, model=model,
                                    sample_stats={"diverging": diverging}, config=config, seed=seed)
 
 

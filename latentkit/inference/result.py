@@ -1,5 +1,6 @@
 """The one result type every engine returns, and its conversion to ArviZ."""
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field, fields
@@ -37,6 +38,8 @@ class Result:
         ``num_samples`` draws from the fitted guide.
         ``observed_data``, ``constant_data``: arrays of the data's own shape.
         ``losses``: loss per optimisation step (negative ELBO, nats), ``(steps,)``, or None.
+        ``epoch_metrics``: per-epoch values of an optimisation run, ``(epochs, ...)``: e.g. ``elbo``,
+        ``validation_elbo``, and a VAE's ``kl_per_dim`` ``(epochs, latent_dim)`` and ``active_units``.
 
     Attributes:
         dims: dimension names per variable, after ``(chain, draw)``.
@@ -56,6 +59,7 @@ class Result:
     coords: dict[str, list[Any]] = field(default_factory=dict)
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     losses: np.ndarray | None = None
+    epoch_metrics: Arrays = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     model: Any = None
 
@@ -119,7 +123,8 @@ class Result:
         ``step_size``, ``n_steps``, ``tree_depth``, ``diverging``, ``energy``),
         ``log_likelihood`` (per observation, discrete latents summed out),
         ``posterior_predictive``, ``observed_data``, ``constant_data`` where present, and for
-        optimisation-based engines ``optimization`` with the ``loss`` and ``elbo`` per ``step``.
+        optimisation-based engines ``optimization`` with the ``loss`` and ``elbo`` per ``step`` (and
+        the ``epoch_metrics`` per ``epoch``, prefixed ``epoch_``).
         Chains are numbered 0, 1, ... in numeric order.
         """
         groups: dict[str, xr.Dataset] = {}
@@ -131,10 +136,13 @@ class Result:
                 groups[name] = self._group(getattr(self, name), with_sample_dims=False)
         if self.losses is not None:
             steps = np.arange(1, len(self.losses) + 1)
-            groups["optimization"] = xr.Dataset(
-                {"loss": ("step", self.losses), "elbo": ("step", -self.losses)},
-                coords={"step": steps},
-            )
+            variables: dict[str, tuple[list[str], np.ndarray]] = {
+                "loss": (["step"], self.losses), "elbo": (["step"], -self.losses)}
+            coords = {"step": steps}
+            for name, array in self.epoch_metrics.items():
+                variables[f"epoch_{name}"] = (["epoch"] + [f"{name}_dim_{i}" for i in range(array.ndim - 1)], array)
+                coords["epoch"] = np.arange(1, len(array) + 1)
+            groups["optimization"] = xr.Dataset(variables, coords=coords)
         attrs = {
             "inference_library": "latentkit",
             "engine": self.engine,
@@ -144,6 +152,17 @@ class Result:
         for dataset in groups.values():
             dataset.attrs.update(attrs)
         return az.InferenceData(**groups)
+
+    def fitted_model(self) -> Any:
+        """The fitted model: :attr:`model` with the network weights of :attr:`params` (``model.*``)
+        loaded into a copy, since a loaded result's model is rebuilt from ``config`` untrained; the
+        model itself when there are no such weights."""
+        state = {k.removeprefix("model."): v for k, v in self.params.items() if k.startswith("model.")}
+        if not isinstance(self.model, torch.nn.Module) or not state:
+            return self.model
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(state)
+        return model
 
     def summary(self, var_names: list[str] | None = None, **kwargs: Any) -> pd.DataFrame:
         """ArviZ's summary table (mean, sd, hdi, mcse, ess_bulk, ess_tail, r_hat).

@@ -29,12 +29,13 @@ from latentkit.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from latentkit.errors import ConfigError, InferenceError
+from latentkit.errors import ConfigError, InferenceError, LatentkitError
 from latentkit.inference.base import parse_options, register_engine, seeded, versions
 from latentkit.inference.initialization import init_with_values
 from latentkit.inference.posterior import CHUNK, complete_result
 from latentkit.inference.result import Result
 from latentkit.inference.target import Target, bind, model_config
+from latentkit.inference.training import EpochRecord, LatentScale, evaluate, warmup_factor
 from latentkit.inference.vectorize import BatchedModel
 from latentkit.interrupt import stopped
 
@@ -47,7 +48,11 @@ GUIDES = {"normal": AutoNormal, "multivariate_normal": AutoMultivariateNormal, "
 class SVIOptions:
     """Options of the ``"svi"`` engine (command-line flags are the kebab-case names)."""
 
-    steps: int = field(default=2000, metadata={"min": 1, "help": "optimisation steps"})
+    steps: int | None = field(default=None, metadata={
+        "min": 1, "help": "optimisation steps (default 2000 unless epochs is given)"})
+    epochs: int | None = field(default=None, metadata={
+        "min": 1, "help": "passes over the data instead of steps: N // batch_size steps each with "
+                          "minibatches (reshuffled every epoch), one step each without"})
     learning_rate: float = field(default=0.01, metadata={"min": 0.0, "help": "Adam step size"})
     guide: Any = field(default="auto", metadata={
         "choices": ("auto", *GUIDES),
@@ -63,6 +68,17 @@ class SVIOptions:
         "choices": ("auto", "trace", "meanfield", "enum"),
         "help": "auto: TraceEnum_ELBO if the model enumerates, else Trace_ELBO"})
     device: str | None = field(default=None, metadata={"help": "torch device, e.g. cuda"})
+    kl_warmup: int = field(default=0, metadata={
+        "min": 0, "help": "KL warm-up: epochs over which the continuous latent sites' log-density (model "
+                          "and guide) is scaled linearly from kl_warmup_start up to 1 (0: none)"})
+    kl_warmup_start: float = field(default=0.0, metadata={
+        "min": 0.0, "help": "the KL warm-up's first scale factor, in [0, 1]"})
+    validation: Any = field(default=None, metadata={
+        "help": "held-out data in the form of the training data (on the command line: a file read like --data): "
+                "its ELBO is recorded after every epoch"})
+    patience: int | None = field(default=None, metadata={
+        "min": 1, "help": "with validation: stop after this many epochs without a better validation ELBO "
+                          "and restore the parameters of the best epoch"})
     # A GMM step takes ~2 ms and a checkpoint ~5 ms: 500 steps keep checkpoints under 1% of the run
     # (benchmarks/distributed.py); the time limit bounds the work lost to a crash.
     checkpoint_every: int = field(default=500, metadata={
@@ -74,7 +90,9 @@ class SVIOptions:
 
 
 #: Options that may change when a run is resumed.
-RESUMABLE = ("steps", "num_samples", "checkpoint_every", "checkpoint_seconds")
+RESUMABLE = ("steps", "epochs", "num_samples", "checkpoint_every", "checkpoint_seconds")
+#: Steps of a fit given neither steps nor epochs.
+DEFAULT_STEPS = 2000
 
 
 def _hide_enumerated(msg: dict[str, Any]) -> bool:
@@ -114,6 +132,30 @@ class SVIEngine:
         return cls(num_particles=self.options.num_particles,
                    max_plate_nesting=target.max_plate_nesting)
 
+    def _check_options(self) -> None:
+        opts = self.options
+        if opts.steps is not None and opts.epochs is not None:
+            raise ConfigError(f"steps: give steps or epochs, not both (got steps={opts.steps}, "
+                              f"epochs={opts.epochs}); an epoch is N // batch_size steps.")
+        if not 0.0 <= opts.kl_warmup_start <= 1.0:
+            raise ConfigError(f"kl_warmup_start: must lie in [0, 1], got {opts.kl_warmup_start!r}.")
+        if opts.patience is not None and opts.validation is None:
+            raise ConfigError("patience: early stopping watches the validation ELBO; pass validation= "
+                              "(held-out data) or drop patience.")
+        if isinstance(opts.validation, (str, Path)):
+            raise ConfigError("validation: give the held-out data itself (array, tensor, DataFrame, or a dict "
+                              "of the model's arguments), not a file name.")
+
+    def _fast_loss(self, model: Any, target: Target) -> Callable[..., torch.Tensor] | None:
+        """The model's own ``elbo_loss`` where it equals this engine's loss: the model's guide,
+        ``Trace_ELBO`` with one particle, no enumeration."""
+        opts = self.options
+        fast = getattr(model, "elbo_loss", None)
+        if (callable(fast) and opts.guide == "auto" and callable(getattr(model, "guide", None))
+                and opts.elbo in ("auto", "trace") and opts.num_particles == 1 and not target.has_enumeration):
+            return fast
+        return None
+
     def fit(self, model: Any, data: Any, *, seed: int = 0, progress: bool = True,
             run_dir: str | Path | None = None, resume: bool = False,
             should_stop: Callable[[int], bool] | None = None) -> Result:
@@ -122,7 +164,20 @@ class SVIEngine:
         ``should_stop(step)`` is asked after each step; when True the run writes a checkpoint
         and raises :class:`~latentkit.interrupt.RunStopped` (for the signal in
         ``should_stop.signum`` if it has one, as :class:`~latentkit.interrupt.StopRequests` does).
+
+        After every epoch (see :mod:`latentkit.inference.training`) the result's ``epoch_metrics``
+        get the mean training ``elbo``, with ``validation=`` the ``validation_elbo`` of the held-out
+        data (one ELBO estimate on fixed random numbers, nats summed over the held-out data), and
+        whatever the model's ``monitor(kwargs)`` returns (a VAE: ``kl_per_dim``, ``active_units``),
+        evaluated on the held-out data if given, else on the training data. They are recorded when
+        training by ``epochs``, with ``validation=``, or for a model with ``monitor``.
+
+        A model may define ``elbo_loss(kwargs, index, latent_scale)``: the one-particle
+        ``Trace_ELBO`` loss of its own guide on the points ``index`` (None: all), computed without
+        Pyro's per-step tracing. It is used when it equals the loss the engine would compute
+        (``guide="auto"``, ``elbo`` ``"auto"``/``"trace"``, ``num_particles=1``).
         """
+        self._check_options()
         opts = self.options
         context = distributed.setup(opts.device) if opts.distributed else None
         device = context.device if context is not None else opts.device
@@ -130,7 +185,6 @@ class SVIEngine:
         folder = Path(run_dir) if run_dir is not None else None
         if resume and folder is None:
             raise ConfigError("resume: needs the run folder (run_dir) of the interrupted fit.")
-        losses = np.empty(opts.steps)
         with seeded(seed, device), fork_host_rng(), pyro.get_param_store().scope():
             target = bind(model, data, device)
             train_kwargs = dict(target.kwargs)
@@ -138,14 +192,25 @@ class SVIEngine:
             if opts.batch_size is not None or context is not None:
                 batches = _minibatches(target, opts.batch_size, seed, rank, world)
                 train_kwargs["subsample_size"] = batches.local_size
+            per_epoch = batches.size // batches.batch_size if batches is not None and batches.batch_size else 1
+            total = opts.steps if opts.steps is not None else (
+                opts.epochs * per_epoch if opts.epochs is not None else DEFAULT_STEPS)
+            losses = np.empty(total)
             guide = self._guide(target, model, target.fn, seed)
             elbo = self._elbo(target)
+            fast = self._fast_loss(model, target)
+            warmup_steps = opts.kl_warmup * per_epoch
 
             def loss_at(step: int) -> torch.Tensor:
+                factor = warmup_factor(step, warmup_steps, opts.kl_warmup_start)
+                if fast is not None:
+                    return fast(target.kwargs, batches.indices(step) if batches is not None else None, factor)
+                fn, q = (target.fn, guide) if factor == 1.0 else (LatentScale(factor)(target.fn),
+                                                                  LatentScale(factor)(guide))
                 if batches is None:
-                    return elbo.differentiable_loss(target.fn, guide, **train_kwargs)
+                    return elbo.differentiable_loss(fn, q, **train_kwargs)
                 with distributed.fixed_subsample(batches, step):
-                    return elbo.differentiable_loss(target.fn, guide, **train_kwargs)
+                    return elbo.differentiable_loss(fn, q, **train_kwargs)
 
             cuda = [torch.device(device).index or 0] if device and torch.device(device).type == "cuda" else []
             # Setting up the guide traces the model, drawing the local latent variables of the batch;
@@ -160,6 +225,34 @@ class SVIEngine:
                 distributed.broadcast_parameters(params)
             optimizer = torch.optim.Adam(params, lr=opts.learning_rate)
             state = _TrainingState(named, model, optimizer, losses, cuda, rank)
+            monitor = getattr(model, "monitor", None)
+            record_epochs = opts.epochs is not None or opts.validation is not None or callable(monitor)
+            validation = bind(model, opts.validation, device) if opts.validation is not None else None
+            watched = validation.kwargs if validation is not None else target.kwargs
+
+            def epoch_metrics(first: int, done: int) -> dict[str, Any]:
+                values: dict[str, Any] = {"elbo": -float(losses[first:done].mean())}
+                if validation is not None:
+                    held_out = validation
+                    values["validation_elbo"] = -evaluate(
+                        (lambda: fast(held_out.kwargs, None, 1.0)) if fast is not None else
+                        (lambda: elbo.loss(held_out.fn, guide, **held_out.kwargs)), seed, cuda)
+                if callable(monitor):
+                    with torch.no_grad():
+                        values.update(monitor(watched))
+                return values
+
+            if validation is not None:
+                try:
+                    epoch_metrics(0, 1)
+                except LatentkitError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - any failure of the user's guide is reported as such
+                    raise ConfigError(
+                        f"validation: the guide cannot evaluate the held-out data ({type(error).__name__}: {error}); "
+                        "validation needs a guide without per-point parameters (global latents, or an amortised "
+                        "encoder) and data in the form of the training data.") from error
+            record = state.record = EpochRecord(state.tracked(), opts.patience)
             fingerprint = {
                 "model": model_config(model),
                 "engine": self.name,
@@ -169,20 +262,25 @@ class SVIEngine:
                 "data": _digest(target.kwargs),
                 "parameters": {name: list(p.shape) for name, p in named.items()},
             }
+            if validation is not None:
+                fingerprint["validation"] = _digest(validation.kwargs)
             start = 0
             if resume:
                 assert folder is not None
                 checkpoint = load_checkpoint(folder)
                 compare_fingerprints(checkpoint.fingerprint, fingerprint, folder)
-                if checkpoint.step > opts.steps:
+                if checkpoint.step > total:
                     raise ConfigError(f"steps: the checkpoint in {str(folder)!r} is at step {checkpoint.step}, "
-                                      f"beyond steps={opts.steps}; pass steps >= {checkpoint.step}.")
+                                      f"beyond {total} steps; pass steps (or epochs) that reach {checkpoint.step}.")
                 state.restore(checkpoint)
                 start = checkpoint.step
             writes = folder is not None and rank == 0
             last_write = time.monotonic()
-            bar = tqdm(range(start, opts.steps), initial=start, total=opts.steps, desc="svi", unit="step",
+            # A resumed run whose last checkpoint came when early stopping ended it does not go on.
+            end = start if record.should_stop() else total
+            bar = tqdm(range(start, end), initial=start, total=total, desc="svi", unit="step",
                        disable=None if progress and rank == 0 else True)
+            done = start
             for step in bar:
                 optimizer.zero_grad()
                 loss = loss_at(step)
@@ -190,7 +288,7 @@ class SVIEngine:
                 value = float(loss.detach())
                 signum = _signal(should_stop, step)
                 done = step + 1
-                due = writes and (done % opts.checkpoint_every == 0 or done == opts.steps
+                due = writes and (done % opts.checkpoint_every == 0 or done == total
                                   or time.monotonic() - last_write >= opts.checkpoint_seconds)
                 if context is not None and batches is not None:  # one all-reduce: gradients, loss, decisions
                     sums = distributed.average_gradients(params, batches.weight, [
@@ -204,20 +302,36 @@ class SVIEngine:
                     )
                 optimizer.step()
                 losses[step] = value
-                if step % 25 == 0 or done == opts.steps:
+                stop_early = False
+                if record_epochs and done % per_epoch == 0:
+                    record.add(epoch_metrics(done - per_epoch, done))
+                    stop_early = record.should_stop()
+                    shown = [name for name in ("validation_elbo", "active_units") if name in record.metrics]
+                    bar.set_postfix(loss=f"{value:.4g}", refresh=False,  # drawn at tqdm's own pace
+                                    **{name: f"{record.metrics[name][-1]:.4g}" for name in shown})
+                elif step % 25 == 0 or done == total:
                     bar.set_postfix(loss=f"{value:.4g}")
-                if folder is not None and (due or signum is not None):
+                if folder is not None and (due or signum is not None or stop_early):
                     ranks = distributed.gather_rng(cuda) if context is not None else None
                     if writes:
                         save_checkpoint(folder, state.checkpoint(done, fingerprint, ranks))
                     last_write = time.monotonic()
-                if signum is not None and done < opts.steps:
+                if stop_early:
+                    break
+                if signum is not None and done < total:
                     bar.close()
                     where = (f"checkpoint written to {str(folder)!r}; resume with lk.fit(..., resume={str(folder)!r}) "
                              f"or the same `latentkit fit` command with --resume {folder}"
                              if folder is not None else "no run folder was given, so nothing was saved")
                     raise stopped(signum, f"{signal.Signals(signum).name}: stopped SVI after step {done} of "
-                                  f"{opts.steps}; {where}.", run_dir=str(folder) if folder else None)
+                                  f"{total}; {where}.", run_dir=str(folder) if folder else None)
+            bar.close()
+            extra_config: dict[str, Any] = {}
+            if record.best:
+                record.restore_best()
+                extra_config["early_stopping"] = {
+                    "best_epoch": int(record.best_epoch) + 1, "epochs_run": record.epochs,
+                    "stopped_early": done < total, "restored_best": True}
             samples, log_q = _guide_draws(guide, target, opts.num_samples)
             fitted = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
             if isinstance(model, torch.nn.Module):
@@ -229,9 +343,11 @@ class SVIEngine:
                 "engine": {"name": self.name, "options": _jsonable(opts)},
                 "seed": seed,
                 "versions": versions(),
+                **extra_config,
             }
-            return complete_result(target, batched, samples, model=model, sample_stats=stats, params=fitted,
-                                   losses=losses, config=config, seed=seed)
+            result = complete_result(target, batched, samples, model=model, sample_stats=stats, params=fitted,
+                                     losses=losses[:done].copy(), config=config, seed=seed)
+            return dataclasses.replace(result, epoch_metrics=record.arrays())
 
 
 def _minibatches(target: Target, batch_size: int | None, seed: int, rank: int, world: int) -> distributed.Minibatches:
@@ -288,6 +404,11 @@ class _TrainingState:
                  losses: np.ndarray, cuda: list[int], rank: int = 0) -> None:
         self.named, self.model, self.optimizer, self.losses = named, model, optimizer, losses
         self.cuda, self.rank = cuda, rank
+        self.record: EpochRecord | None = None
+
+    def tracked(self) -> dict[str, torch.Tensor]:
+        """The optimised tensors and the model's buffers: what a snapshot of the best epoch holds."""
+        return {**self.named, **self._buffers()}
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         if not isinstance(self.model, torch.nn.Module):
@@ -300,6 +421,8 @@ class _TrainingState:
         tensors = {name: p.detach() for name, p in self.named.items()}
         tensors.update(self._buffers())
         tensors["losses"] = torch.from_numpy(self.losses[:step].copy())
+        if self.record is not None:
+            tensors.update(self.record.tensors())
         optim = self.optimizer.state_dict()
         extra: dict[str, dict[str, Any]] = {}
         for index, entry in optim["state"].items():
@@ -332,6 +455,8 @@ class _TrainingState:
         groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["optimizer"]["param_groups"]]
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.losses[:checkpoint.step] = tensors["losses"].numpy()
+        if self.record is not None:
+            self.record.restore(tensors)
         suffix = f"@{self.rank}" if self.rank else ""
         own = {name.removesuffix(suffix): t for name, t in tensors.items() if name.startswith("rng.")
                and (name.endswith(suffix) if suffix else "@" not in name)}
@@ -382,8 +507,10 @@ def _importance_stats(
 
 def _jsonable(options: Any) -> dict[str, Any]:
     out = {}
-    for key, value in dataclasses.asdict(options).items():
-        if callable(value) and not isinstance(value, str):
+    for key, value in {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}.items():
+        if key == "validation" and value is not None:
+            value = f"<held-out data {type(getattr(options, key)).__name__}>"
+        elif callable(value) and not isinstance(value, str):
             value = f"<callable {getattr(value, '__qualname__', type(value).__name__)}>"
         elif isinstance(value, float) and not math.isfinite(value):
             value = str(value)

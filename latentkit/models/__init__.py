@@ -5,10 +5,11 @@ from latentkit.models.gan import GAN
 from latentkit.models.gan_prior import GANPrior
 from latentkit.models.gaussian_mixture import GaussianMixture
 from latentkit.models.hmm import CategoricalHMM, GaussianHMM, PoissonHMM
+from latentkit.models.semi_supervised_vae import SemiSupervisedVAE
 from latentkit.models.vae import VAE, ConditionalVAE
 
 __all__ = ["LatentModel", "GaussianMixture", "GaussianHMM", "CategoricalHMM", "PoissonHMM", "VAE", "ConditionalVAE",
-           "GAN", "GANPrior", "MODELS"]
+           "SemiSupervisedVAE", "GAN", "GANPrior", "MODELS"]
 
 #: Built-in model classes by name, used to rebuild models from a run folder's config.json.
 MODELS: dict[str, type[LatentModel]] = {
@@ -18,5 +19,6 @@ MODELS: dict[str, type[LatentModel]] = {
     "PoissonHMM": PoissonHMM,
     "VAE": VAE,
     "ConditionalVAE": ConditionalVAE,
+    "SemiSupervisedVAE": SemiSupervisedVAE,
     "GANPrior": GANPrior,
 }

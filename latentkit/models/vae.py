@@ -3,9 +3,11 @@
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
+import arviz as az
 import numpy as np
 import pandas as pd
 import pyro
@@ -27,10 +29,30 @@ GUIDES = ("gaussian", "iaf")
 #: Elements (particles x points x decoder outputs) per decoder call in ``log_likelihood``:
 #: 2**22 doubles are 32 MiB per tensor.
 CHUNK_ELEMENTS = 2 ** 22
+#: Active-unit threshold on Var_x(E_q[z_l | x]) (Burda et al. 2016).
+ACTIVE_THRESHOLD = 0.01
+#: The per-epoch monitors look at this many points at most, so that they cost little next to an epoch;
+#: the variances behind active units are then within about sqrt(2 / 500) = 6% relative error.
+MONITOR_POINTS = 500
 
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+def monitored_rows(size: int) -> torch.Tensor:
+    """Indices of at most ``MONITOR_POINTS`` evenly spaced points of ``size``."""
+    return torch.linspace(0, size - 1, min(size, MONITOR_POINTS)).round().long().unique()
+
+
+def _kl_per_dim(q: dist.Normal) -> torch.Tensor:
+    """KL(q(z_l | x) || N(0, 1)) per dimension, averaged over the points of q's batch."""
+    return (0.5 * (q.scale ** 2 + q.loc ** 2 - 1) - q.scale.log()).mean(0)
+
+
+def _active_units(q: dist.Normal, threshold: float) -> torch.Tensor:
+    """How many dimensions have Var_x(E_q[z_l | x]) > threshold (a 0-d tensor)."""
+    return (q.loc.var(0) > threshold).sum()
 
 
 def _batched(net: nn.Module, x: torch.Tensor, event_rank: int) -> torch.Tensor:
@@ -327,7 +349,8 @@ class VAE(LatentModel):
             x = torch.cat([x.reshape(batch + (-1,)), context.expand(batch + context.shape[-1:])], -1)
         params = _batched(self.encoder, x, len(self._encoder_event()))
         loc, log_scale = params[..., :self.latent_dim], params[..., self.latent_dim:]
-        return dist.Normal(loc, log_scale.exp()).to_event(1), x
+        # Valid by construction (a positive scale); a NaN from the networks shows in the loss.
+        return dist.Normal(loc, log_scale.exp(), validate_args=False).to_event(1), x
 
     def encode(self, x: torch.Tensor, context: torch.Tensor | None = None) -> dist.Distribution:
         """q(z | x[, context]): batch ``x.shape[:-len(input_shape)]``, event ``(latent_dim,)``; a
@@ -416,6 +439,18 @@ class VAE(LatentModel):
         return self._mean(self.decode(self._posterior_point(X, context), context))
 
     @torch.no_grad()
+    def decode_mean(self, z: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's mean at z, ``z.shape[:-1] + input_shape`` (categorical: the most probable
+        category; autoregressive decoder: a draw), as :meth:`reconstruct` shows it."""
+        return self._mean(self.decode(z, context))
+
+    def plots(self, result: Any) -> list[tuple[str, Any]]:
+        """The run-folder plots of a fit of this VAE (see :mod:`latentkit.models.vae_plots`)."""
+        from latentkit.models.vae_plots import vae_plots
+
+        return vae_plots(result)
+
+    @torch.no_grad()
     def sample(self, n: int, mean: bool = False, seed: int | None = None, context: Any = None) -> torch.Tensor:
         """``n`` new data points ``(n, *input_shape)`` from z ~ p(z): draws of p(x | z), or with
         ``mean=True`` its means (as :meth:`reconstruct`). A conditional VAE needs ``context``: one
@@ -431,6 +466,16 @@ class VAE(LatentModel):
             likelihood = self.decode(self.prior().sample((int(n),)), context)
             return self._mean(likelihood) if mean else likelihood.sample()
 
+    def _log_weights(self, X: torch.Tensor, context: torch.Tensor | None, num_particles: int) -> Iterator[torch.Tensor]:
+        """``log p(x, z_k) - log q(z_k | x)`` for z_k ~ q(z | x), in chunks ``(particles, N)`` of about
+        ``CHUNK_ELEMENTS / (N * outputs per point)`` particles."""
+        chunk = max(1, CHUNK_ELEMENTS // (X.shape[0] * math.prod(self.decoder_output_shape)))
+        q = self.encode(X, context)
+        prior = self.prior()
+        for start in range(0, num_particles, chunk):
+            z = q.sample((min(chunk, num_particles - start),))
+            yield self.decode(z, context).log_prob(X) + prior.log_prob(z) - q.log_prob(z)
+
     @torch.no_grad()
     def log_likelihood(self, data: Any, num_particles: int = 1000, seed: int | None = None) -> torch.Tensor:
         """Importance-weighted estimate of log p(x) per data point, ``(N,)`` (Burda et al. 2016).
@@ -443,17 +488,68 @@ class VAE(LatentModel):
         if not _positive_int(num_particles):
             raise ConfigError(f"num_particles: must be a positive integer, got {num_particles!r}.")
         X, context = self._split(data)
-        chunk = max(1, CHUNK_ELEMENTS // (X.shape[0] * math.prod(self.decoder_output_shape)))
         total = None
         with _seeded(seed):
-            q = self.encode(X, context)
-            prior = self.prior()
-            for start in range(0, num_particles, chunk):
-                z = q.sample((min(chunk, num_particles - start),))
-                log_w = self.decode(z, context).log_prob(X) + prior.log_prob(z) - q.log_prob(z)
+            for log_w in self._log_weights(X, context, num_particles):
                 part = torch.logsumexp(log_w, 0)
                 total = part if total is None else torch.logaddexp(total, part)
         return total - math.log(num_particles)
+
+    @torch.no_grad()
+    def pareto_k(self, data: Any, num_particles: int = 1000, seed: int | None = 0) -> np.ndarray:
+        """Pareto k-hat per data point of the importance ratios p(x, z) / q(z | x), z ~ q(z | x),
+        ``(N,)``: how well the amortised guide covers each point's posterior (Yao et al. 2018;
+        ``az.psislw``). Below 0.5 the encoder fits p(z | x) well, up to 0.7 importance sampling
+        corrects it (and :meth:`log_likelihood` is reliable), above 0.7 q misses posterior mass;
+        -inf where the ratios are constant (q is the posterior)."""
+        if not _positive_int(num_particles) or num_particles < 10:
+            raise ConfigError(f"num_particles: k-hat needs at least 10 particles, got {num_particles!r}.")
+        X, context = self._split(data)
+        with _seeded(seed):
+            log_w = torch.cat(list(self._log_weights(X, context, num_particles))).T.double().cpu().numpy()
+        # Constant ratios (q equal to the posterior) leave nothing to fit: ArviZ returns inf or NaN there.
+        constant = np.ptp(log_w, axis=1) < 1e-8 * np.maximum(1.0, np.abs(log_w).max(axis=1))
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # ArviZ's "k-hat too high" warning: we report k-hat
+            _, khat = az.psislw(log_w, reff=1.0)
+        return np.where(constant, -np.inf, np.asarray(khat, dtype=float))
+
+    def elbo_loss(self, kwargs: Mapping[str, Any], index: torch.Tensor | None,
+                  latent_scale: float = 1.0) -> torch.Tensor:
+        """The one-particle ``Trace_ELBO`` loss of :meth:`model` and :meth:`guide` on the points
+        ``index`` (None: all), scaled to the whole data, computed directly instead of through two
+        Pyro traces (the SVI engine's fast path; equal to Pyro's value on the same random numbers).
+
+        ``latent_scale`` multiplies the log-densities of ``z`` under the prior and the guide (KL
+        warm-up). ``kwargs`` are :meth:`prepare`'s output.
+        """
+        X, C = kwargs["X"], kwargs.get("C")
+        size = X.shape[0]
+        if index is not None:
+            X, C = X[index], (C[index] if C is not None else None)
+        if self.flows:
+            q = self.encode(X, C)
+            z = q.rsample()
+            latent = self.prior().log_prob(z) - q.log_prob(z)
+        else:
+            # The Gaussian case written out, as a per-step hot path: z = loc + scale * eps with the draws
+            # of Normal.rsample, and log N(z; 0, I) - log N(z; loc, scale) = sum 0.5 (eps^2 - z^2) + log scale.
+            gaussian = self._gaussian(X, C)[0].base_dist
+            eps = torch.randn_like(gaussian.loc)
+            z = gaussian.loc + gaussian.scale * eps
+            latent = (0.5 * (eps.square() - z.square()) + gaussian.scale.log()).sum(-1)
+        return -(size / X.shape[0]) * (self.decode(z, C).log_prob(X) + latent_scale * latent).sum()
+
+    def monitor(self, kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Posterior-collapse monitors on ``kwargs`` (:meth:`prepare`'s output), which the SVI engine
+        records after every epoch: ``kl_per_dim`` and ``active_units`` (Gaussian guide only; see
+        :meth:`kl_per_dim`, :meth:`active_units`), on at most ``MONITOR_POINTS`` evenly spaced points."""
+        if self.flows or kwargs["X"].shape[0] < 2:
+            return {}
+        rows = monitored_rows(kwargs["X"].shape[0])
+        C = kwargs.get("C")
+        q = self.encode(kwargs["X"][rows], None if C is None else C[rows]).base_dist
+        return {"kl_per_dim": _kl_per_dim(q), "active_units": _active_units(q, ACTIVE_THRESHOLD)}
 
     def _gaussian_only(self, name: str, data: Any) -> dist.Normal:
         if self.flows:
@@ -465,17 +561,16 @@ class VAE(LatentModel):
     def kl_per_dim(self, data: Any) -> torch.Tensor:
         """KL(q(z_l | x) || N(0, 1)) per latent dimension l, averaged over data points,
         ``(latent_dim,)``; the sum is the ELBO's KL term per data point."""
-        q = self._gaussian_only("kl_per_dim", data)
-        return (0.5 * (q.scale ** 2 + q.loc ** 2 - 1) - q.scale.log()).mean(0)
+        return _kl_per_dim(self._gaussian_only("kl_per_dim", data))
 
     @torch.no_grad()
-    def active_units(self, data: Any, threshold: float = 0.01) -> int:
+    def active_units(self, data: Any, threshold: float = ACTIVE_THRESHOLD) -> int:
         """Number of latent dimensions whose posterior mean varies with x: Var_x(E_q[z_l | x]) >
         ``threshold`` (Burda et al. 2016 use 0.01). Collapsed dimensions are inactive."""
-        loc = self._gaussian_only("active_units", data).loc
-        if loc.shape[0] < 2:
+        q = self._gaussian_only("active_units", data)
+        if q.loc.shape[0] < 2:
             raise DataError("data: active units need at least two data points.")
-        return int((loc.var(0) > threshold).sum())
+        return int(_active_units(q, threshold))
 
 
 class ConditionalVAE(VAE):

@@ -3,6 +3,7 @@ the KL monitors, other likelihoods and decoders, and bad input."""
 
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import latentkit as lk
+from latentkit.diagnostics import check
 from latentkit.errors import ConfigError, DataError
 from latentkit.nn import MADE, ConvDecoder, ConvEncoder, PixelCNN
 
@@ -297,3 +299,64 @@ def test_pixelcnn_decoder(digits):
     assert set(vae.sample(2).unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(DataError, match="decoder: a PixelCNN over shape"):
         lk.models.VAE(input_shape=(1, 8, 8), latent_dim=2, decoder=PixelCNN((1, 8, 8), context_dim=3))
+
+
+def _pareto_check(result):
+    return next(c for c in check(result).checks if c.name == "pareto_k")
+
+
+def test_per_point_khat_tells_a_good_encoder_from_a_too_narrow_one():
+    """The SVI check of an amortised guide is per data point. Linear-Gaussian VAE (exact posterior
+    known): an encoder shifted by 0.5 and 1.5 times too wide has bounded importance
+    ratios (k-hat <= 0.5 at every point: pass); one exp(-1) = 0.37 times as wide as the posterior has
+    heavy-tailed ratios (k-hat > 0.7 at most points: fail). learning_rate=0 keeps the encoder as built."""
+    verdicts = {}
+    for name in ("wide", "narrow"):
+        torch.manual_seed(0)
+        vae, marginal = linear_gaussian_vae(exact_encoder=name == "narrow")
+        if name == "narrow":
+            with torch.no_grad():
+                vae.encoder.bias[2:] -= 1.0
+        X = marginal.sample((600,))  # 600 x 2 latent values: too many for the joint check
+        res = lk.fit(vae, X.numpy(), engine="svi", steps=20, learning_rate=0.0, num_samples=2, seed=0,
+                     progress=False)
+        verdicts[name] = _pareto_check(res)
+    assert verdicts["wide"].verdict == "pass" and verdicts["wide"].value <= 0.5
+    assert "per-point k-hat of the amortised guide on 200 data points" in verdicts["wide"].reason
+    assert verdicts["narrow"].verdict == "fail" and verdicts["narrow"].value > 0.7
+
+
+def test_loaded_vae_result_is_checked_with_its_fitted_networks(tmp_path):
+    X = (load_digits().data[:600] > 8).astype(float)  # 600 x 4 latent values: checked per point
+    torch.manual_seed(0)
+    vae = lk.models.VAE(input_dim=64, latent_dim=4, hidden=(32,))
+    res = lk.fit(vae, X, engine="svi", epochs=3, batch_size=100, learning_rate=1e-2, num_samples=2, seed=0,
+                 progress=False)
+    fitted = _pareto_check(res)
+    assert fitted.verdict in ("pass", "warn", "fail") and np.isfinite(fitted.value)
+    assert "point estimate" not in fitted.reason
+    res.save(tmp_path / "run", plots=False)
+    loaded = _pareto_check(lk.load(tmp_path / "run"))
+    assert loaded.value == fitted.value and loaded.reason == fitted.reason
+
+
+def test_run_folder_has_the_vae_plots(digits, tmp_path):
+    """Reconstructions, samples, latent traversals and the per-epoch curves are written to the run folder,
+    also by a loaded result (whose networks come from the saved weights), and for a conditional VAE."""
+    train, test = digits
+    vae = lk.models.VAE(input_dim=64, latent_dim=2, hidden=(16,))
+    res = lk.fit(vae, train[:200], engine="svi", epochs=2, batch_size=100, validation=test[:50], num_samples=2,
+                 seed=0, progress=False, out=tmp_path / "run")
+    wanted = {"reconstructions.png", "samples.png", "latent_traversals.png", "epochs.png", "elbo.png"}
+    assert wanted <= {p.name for p in (tmp_path / "run" / "plots").iterdir()}
+    assert "epochs" in dict(vae.plots(res)) and len(res.epoch_metrics["validation_elbo"]) == 2
+    loaded = lk.load(tmp_path / "run")  # its model is rebuilt untrained: the plots use the saved weights
+    assert torch.equal(loaded.fitted_model().reconstruct(test[:5]), vae.reconstruct(test[:5]))
+    assert [stem for stem, _ in loaded.model.plots(loaded)] == [stem for stem, _ in vae.plots(res)]
+    cvae = lk.models.ConditionalVAE(input_dim=64, latent_dim=2, context_dim=10, hidden=(16,))
+    labels = load_digits().target[np.random.default_rng(0).permutation(1797)[:200]]
+    res = lk.fit(cvae, (train[:200], labels), engine="svi", epochs=1, batch_size=100, num_samples=2, seed=0,
+                 progress=False)
+    assert {"reconstructions", "samples", "latent_traversals"} <= {stem for stem, _ in cvae.plots(res)}
+    for _, make in cvae.plots(res):
+        plt.close(make())
