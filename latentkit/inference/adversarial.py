@@ -22,7 +22,7 @@ from latentkit.inference.result import Result
 
 # The SVI engine's checkpoint state, stop-signal polling, data digest and option serialisation serve
 # this engine unchanged: one optimiser (here with a parameter group per player) and its loss history.
-from latentkit.inference.svi import _digest, _jsonable, _signal, _TrainingState
+from latentkit.inference.run_state import TrainingState, digest, jsonable, stop_signal
 from latentkit.interrupt import stopped
 from latentkit.models.gan import GAN, averaged_generator
 
@@ -206,13 +206,13 @@ class AdversarialEngine:
             named = {f"{name}.{key}": p for name in ("generator", "discriminator", "ema_generator")
                      for key, p in getattr(model, name).named_parameters()}
             losses = np.zeros((opts.steps, 2))
-            state = _TrainingState(named, model, optimizer, losses, cuda)
+            state = TrainingState(named, model, optimizer, losses, cuda)
             fingerprint = {
                 "model": model.config(),
                 "engine": self.name,
-                "options": {k: v for k, v in _jsonable(opts).items() if k not in RESUMABLE},
+                "options": {k: v for k, v in jsonable(opts).items() if k not in RESUMABLE},
                 "seed": seed,
-                "data": _digest({"X": X}),
+                "data": digest({"X": X}),
                 "parameters": {name: list(p.shape) for name, p in named.items()},
             }
             start = 0
@@ -250,7 +250,7 @@ class AdversarialEngine:
                 done = step + 1
                 if step % 25 == 0 or done == opts.steps:
                     bar.set_postfix(discriminator=f"{d_value:.4g}", generator=f"{g_value:.4g}")
-                signum = _signal(should_stop, step)
+                signum = stop_signal(should_stop, step)
                 due = folder is not None and (done % opts.checkpoint_every == 0 or done == opts.steps
                                               or time.monotonic() - last_write >= opts.checkpoint_seconds)
                 if folder is not None and (due or signum is not None):
@@ -273,7 +273,7 @@ class AdversarialEngine:
             dims={"z": ["latent"]},
             params=params,
             losses=losses[:, 0].copy(),
-            config={"model": model.config(), "engine": {"name": self.name, "options": _jsonable(opts)},
+            config={"model": model.config(), "engine": {"name": self.name, "options": jsonable(opts)},
                     "seed": seed, "versions": versions()},
             model=model,
         )

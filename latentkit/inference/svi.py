@@ -1,7 +1,6 @@
 """Stochastic variational inference: any Pyro guide, enumeration handled automatically."""
 
 import dataclasses
-import hashlib
 import math
 import signal
 import time
@@ -21,12 +20,9 @@ from tqdm.auto import tqdm
 
 from latentkit import distributed
 from latentkit.checkpoint import (
-    Checkpoint,
-    capture_rng,
     compare_fingerprints,
     fork_host_rng,
     load_checkpoint,
-    restore_rng,
     save_checkpoint,
 )
 from latentkit.errors import ConfigError, InferenceError, LatentkitError
@@ -34,6 +30,7 @@ from latentkit.inference.base import parse_options, register_engine, seeded, ver
 from latentkit.inference.initialization import init_with_values
 from latentkit.inference.posterior import CHUNK, complete_result
 from latentkit.inference.result import Result
+from latentkit.inference.run_state import TrainingState, digest, jsonable, stop_signal
 from latentkit.inference.target import Target, bind, model_config
 from latentkit.inference.training import EpochRecord, LatentScale, evaluate, warmup_factor
 from latentkit.inference.vectorize import BatchedModel
@@ -224,7 +221,7 @@ class SVIEngine:
             if context is not None:
                 distributed.broadcast_parameters(params)
             optimizer = torch.optim.Adam(params, lr=opts.learning_rate)
-            state = _TrainingState(named, model, optimizer, losses, cuda, rank)
+            state = TrainingState(named, model, optimizer, losses, cuda, rank)
             monitor = getattr(model, "monitor", None)
             record_epochs = opts.epochs is not None or opts.validation is not None or callable(monitor)
             validation = bind(model, opts.validation, device) if opts.validation is not None else None
@@ -256,14 +253,14 @@ class SVIEngine:
             fingerprint = {
                 "model": model_config(model),
                 "engine": self.name,
-                "options": {k: v for k, v in _jsonable(opts).items() if k not in RESUMABLE},
+                "options": {k: v for k, v in jsonable(opts).items() if k not in RESUMABLE},
                 "seed": seed,
                 "world_size": world,
-                "data": _digest(target.kwargs),
+                "data": digest(target.kwargs),
                 "parameters": {name: list(p.shape) for name, p in named.items()},
             }
             if validation is not None:
-                fingerprint["validation"] = _digest(validation.kwargs)
+                fingerprint["validation"] = digest(validation.kwargs)
             start = 0
             if resume:
                 assert folder is not None
@@ -286,7 +283,7 @@ class SVIEngine:
                 loss = loss_at(step)
                 loss.backward()
                 value = float(loss.detach())
-                signum = _signal(should_stop, step)
+                signum = stop_signal(should_stop, step)
                 done = step + 1
                 due = writes and (done % opts.checkpoint_every == 0 or done == total
                                   or time.monotonic() - last_write >= opts.checkpoint_seconds)
@@ -340,7 +337,7 @@ class SVIEngine:
             stats = _importance_stats(batched, samples, log_q)
             config = {
                 "model": model_config(model),
-                "engine": {"name": self.name, "options": _jsonable(opts)},
+                "engine": {"name": self.name, "options": jsonable(opts)},
                 "seed": seed,
                 "versions": versions(),
                 **extra_config,
@@ -366,12 +363,6 @@ def _minibatches(target: Target, batch_size: int | None, seed: int, rank: int, w
     return distributed.Minibatches(sizes.pop(), batch_size, seed=seed, rank=rank, world_size=world)
 
 
-def _signal(should_stop: Callable[[int], bool] | None, step: int) -> int | None:
-    if should_stop is None or not should_stop(step):
-        return None
-    return int(getattr(should_stop, "signum", None) or signal.SIGINT)
-
-
 def _named_parameters(trace: Any, model: Any) -> dict[str, torch.Tensor]:
     """The optimised tensors by name: guide params (unconstrained) and the model's own weights."""
     named = {f"param.{name}": site["value"].unconstrained() for name, site in trace.nodes.items()}
@@ -381,86 +372,6 @@ def _named_parameters(trace: Any, model: Any) -> dict[str, torch.Tensor]:
     for name, tensor in named.items():
         unique.setdefault(id(tensor), name)
     return {name: named[name] for name in unique.values()}
-
-
-def _digest(kwargs: dict[str, Any]) -> dict[str, str]:
-    """A short description of each model argument; tensors by dtype, shape and SHA-256."""
-    out = {}
-    for key in sorted(kwargs):
-        value = kwargs[key]
-        if isinstance(value, torch.Tensor):
-            data = value.detach().cpu().contiguous()
-            digest = hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-            out[key] = f"{str(data.dtype).removeprefix('torch.')}{list(data.shape)} sha256:{digest[:16]}"
-        else:
-            out[key] = repr(value)
-    return out
-
-
-class _TrainingState:
-    """Everything an SVI run needs to continue bit-identically, to and from a :class:`Checkpoint`."""
-
-    def __init__(self, named: dict[str, torch.Tensor], model: Any, optimizer: torch.optim.Optimizer,
-                 losses: np.ndarray, cuda: list[int], rank: int = 0) -> None:
-        self.named, self.model, self.optimizer, self.losses = named, model, optimizer, losses
-        self.cuda, self.rank = cuda, rank
-        self.record: EpochRecord | None = None
-
-    def tracked(self) -> dict[str, torch.Tensor]:
-        """The optimised tensors and the model's buffers: what a snapshot of the best epoch holds."""
-        return {**self.named, **self._buffers()}
-
-    def _buffers(self) -> dict[str, torch.Tensor]:
-        if not isinstance(self.model, torch.nn.Module):
-            return {}
-        return {f"buffer.{name}": b for name, b in self.model.named_buffers()}
-
-    def checkpoint(self, step: int, fingerprint: dict[str, Any],
-                   ranks: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None) -> Checkpoint:
-        """The state after ``step`` steps; ``ranks``: every process's random states (distributed)."""
-        tensors = {name: p.detach() for name, p in self.named.items()}
-        tensors.update(self._buffers())
-        tensors["losses"] = torch.from_numpy(self.losses[:step].copy())
-        if self.record is not None:
-            tensors.update(self.record.tensors())
-        optim = self.optimizer.state_dict()
-        extra: dict[str, dict[str, Any]] = {}
-        for index, entry in optim["state"].items():
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{index}.{key}"] = value
-                else:
-                    extra.setdefault(str(index), {})[key] = value
-        ranks = ranks or [capture_rng(self.cuda)]
-        for index, (rng_tensors, _) in enumerate(ranks):
-            tensors.update({name if index == 0 else f"{name}@{index}": t for name, t in rng_tensors.items()})
-        meta = {"parameters": list(self.named), "optimizer": {"param_groups": optim["param_groups"], "state": extra},
-                "rng": [rng_meta for _, rng_meta in ranks]}
-        return Checkpoint(step=step, tensors=tensors, meta=meta, fingerprint=fingerprint)
-
-    def restore(self, checkpoint: Checkpoint) -> None:
-        tensors, meta = checkpoint.tensors, checkpoint.meta
-        with torch.no_grad():
-            for name, p in self.named.items():
-                p.copy_(tensors[name])
-            for name, b in self._buffers().items():
-                b.copy_(tensors[name])
-        state: dict[int, dict[str, Any]] = {}
-        for name, value in tensors.items():
-            if name.startswith("optim."):
-                _, index, key = name.split(".", 2)
-                state.setdefault(int(index), {})[key] = value
-        for index, entry in meta["optimizer"]["state"].items():
-            state.setdefault(int(index), {}).update(entry)
-        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["optimizer"]["param_groups"]]
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        self.losses[:checkpoint.step] = tensors["losses"].numpy()
-        if self.record is not None:
-            self.record.restore(tensors)
-        suffix = f"@{self.rank}" if self.rank else ""
-        own = {name.removesuffix(suffix): t for name, t in tensors.items() if name.startswith("rng.")
-               and (name.endswith(suffix) if suffix else "@" not in name)}
-        restore_rng(own, meta["rng"][self.rank])
 
 
 def _parameters(fn: Callable[..., Any]) -> set[str]:
@@ -503,19 +414,6 @@ def _importance_stats(
         log_joint = torch.cat([batched.log_density({k: v[i:i + CHUNK] for k, v in flat.items()})
                                for i in range(0, size, CHUNK)])
     return {"log_joint": log_joint.detach().cpu().numpy()[None], "log_q": log_q.detach().cpu().numpy()[None]}
-
-
-def _jsonable(options: Any) -> dict[str, Any]:
-    out = {}
-    for key, value in {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}.items():
-        if key == "validation" and value is not None:
-            value = f"<held-out data {type(getattr(options, key)).__name__}>"
-        elif callable(value) and not isinstance(value, str):
-            value = f"<callable {getattr(value, '__qualname__', type(value).__name__)}>"
-        elif isinstance(value, float) and not math.isfinite(value):
-            value = str(value)
-        out[key] = value
-    return out
 
 
 register_engine("svi", SVIEngine)
