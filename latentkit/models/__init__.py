@@ -1,13 +1,14 @@
 """Built-in models: Pyro model/guide pairs with data handling."""
 
 from latentkit.models.base import LatentModel
+from latentkit.models.diffusion import Diffusion, DiffusionPrior
 from latentkit.models.gan_prior import GANPrior
 from latentkit.models.gaussian_mixture import GaussianMixture
 from latentkit.models.hmm import CategoricalHMM, GaussianHMM, PoissonHMM
 from latentkit.models.vae import VAE, ConditionalVAE
 
 __all__ = ["LatentModel", "GaussianMixture", "GaussianHMM", "CategoricalHMM", "PoissonHMM", "VAE", "ConditionalVAE",
-           "GANPrior", "MODELS"]
+           "GANPrior", "Diffusion", "DiffusionPrior", "MODELS"]
 
 #: Built-in model classes by name, used to rebuild models from a run folder's config.json.
 MODELS: dict[str, type[LatentModel]] = {
@@ -18,4 +19,5 @@ MODELS: dict[str, type[LatentModel]] = {
     "VAE": VAE,
     "ConditionalVAE": ConditionalVAE,
     "GANPrior": GANPrior,
+    "Diffusion": Diffusion,
 }
