@@ -32,8 +32,9 @@ def _betas(schedule: str, timesteps: int) -> torch.Tensor:
     if schedule == "linear":
         # Ho et al. 2020: 1e-4 .. 0.02 over 1000 steps; scaled so other T cover the same noise range
         # (Nichol & Dhariwal 2021, improved-diffusion's get_named_beta_schedule).
+        # Capped at 0.999 as the cosine schedule is, for T < 50.
         scale = 1000.0 / timesteps
-        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=0.999)
     # cosine: Nichol & Dhariwal 2021, eq. 17, s = 0.008 and betas capped at 0.999.
     steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
     alpha_bar = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
