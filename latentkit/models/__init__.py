@@ -5,10 +5,11 @@ from latentkit.models.diffusion import Diffusion, DiffusionPrior
 from latentkit.models.gan_prior import GANPrior
 from latentkit.models.gaussian_mixture import GaussianMixture
 from latentkit.models.hmm import CategoricalHMM, GaussianHMM, PoissonHMM
+from latentkit.models.inverse_problem import InverseProblem
 from latentkit.models.vae import VAE, ConditionalVAE
 
 __all__ = ["LatentModel", "GaussianMixture", "GaussianHMM", "CategoricalHMM", "PoissonHMM", "VAE", "ConditionalVAE",
-           "GANPrior", "Diffusion", "DiffusionPrior", "MODELS"]
+           "GANPrior", "Diffusion", "DiffusionPrior", "InverseProblem", "MODELS"]
 
 #: Built-in model classes by name, used to rebuild models from a run folder's config.json.
 MODELS: dict[str, type[LatentModel]] = {

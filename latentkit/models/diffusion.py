@@ -261,7 +261,7 @@ class Diffusion(LatentModel):
 
     def log_prob_bound(self, data: Any, num_time_samples: int | None = None, seed: int | None = 0) -> torch.Tensor:
         """The variational lower bound on log p(x) per point, ``(N,)``, estimated with
-        ``num_time_samples`` stratified time steps (None: all T) and one noise draw each; its
+        ``num_time_samples`` stratified time steps (None: all) and one noise draw each; its
         expectation is ≤ log p(x). See :class:`DiffusionPrior` for the estimator."""
         X = self.as_tensor(data)
         with torch.no_grad():
@@ -273,20 +273,21 @@ class DiffusionPrior(dist.TorchDistribution):
 
     :meth:`sample` runs the reverse process (ancestral DDPM, or DDIM with ``num_steps``);
     :meth:`log_prob` is **a lower bound** on log p(x), not the log density: the diffusion model's
-    variational bound ``-KL(q(x_T | x) || N(0, I)) - Σ_t L_t(x)``, with the sum over steps estimated by
-    ``(T / K) Σ_k L_{t_k}`` over K = ``num_time_samples`` stratified steps (one uniform draw in each of
-    K equal blocks of steps) and one noise draw ε_k for each x_{t_k}. With ``seed`` set, the steps and
-    noise draws are drawn once and reused (common random numbers): log_prob is then a fixed, smooth
-    function of x, as NUTS needs; its expectation over seeds is the bound. With ``seed=None`` they are
-    drawn afresh at every call (an unbiased estimate of the bound; for SVI). With K >= T every step is
-    used once and only the noise is random.
+    variational bound ``-KL(q(x_T | x) || N(0, I)) - L_0(x) - Σ_{t >= 1} L_t(x)``. The decoder term L_0
+    (large and of the other sign) is always computed; the sum over the other steps is estimated by
+    ``((T - 1) / K) Σ_k L_{t_k}`` over K = ``num_time_samples`` stratified steps (one uniform draw in each
+    of K equal blocks of 1 .. T - 1), with one noise draw ε_k for each x_{t_k}. With ``seed`` set, the steps
+    and noise draws are drawn once and reused for every point and call (common random numbers): log_prob
+    is then a fixed, smooth function of x, as NUTS needs; its expectation over seeds is the bound. With
+    ``seed=None`` they are drawn afresh for each point at every call (an unbiased estimate of the bound;
+    for SVI). K = T - 1 (``None``) uses every step once, K = m (T - 1) every step m times.
 
     The network is a frozen copy (no engine trains it, and constant weights let the MCMC engine trace
     the potential).
 
     Args:
         diffusion: a trained :class:`Diffusion`.
-        num_time_samples: K; None for all T steps.
+        num_time_samples: K; None for T - 1 (every step once).
         seed: seed of the common random numbers, or None for fresh ones at each call.
         num_steps: sampling: None for DDPM over all steps, or the number of DDIM steps.
         eta: DDIM's noise level (0: deterministic).
@@ -316,7 +317,7 @@ class DiffusionPrior(dist.TorchDistribution):
             diffusion.process.ddim_steps(num_steps)  # validates
         self.diffusion = copy.deepcopy(diffusion).requires_grad_(False).eval()
         T = diffusion.timesteps
-        self.num_time_samples = T if num_time_samples is None else min(int(num_time_samples), T)
+        self.num_time_samples = T - 1 if num_time_samples is None else int(num_time_samples)
         self.seed, self.num_steps, self.eta, self.clip = seed, num_steps, float(eta), bool(clip)
         self.times: torch.Tensor | None = None
         self.noise: torch.Tensor | None = None
@@ -331,15 +332,16 @@ class DiffusionPrior(dist.TorchDistribution):
 
     def _draw(self, generator: torch.Generator | None, batch: tuple[int, ...] = ()
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K stratified steps and standard normal noise ``(K, *batch, *data_shape)``."""
+        """Steps ``(K + 1, *batch)``: 0, then one uniform step in each of K equal blocks of 1 .. T - 1; and
+        standard normal noise ``(K + 1, *batch, *data_shape)``."""
         T, K = self.diffusion.timesteps, self.num_time_samples
         dtype, device = self.diffusion._dtype(), self.diffusion.data_range.device
-        if K == T:
-            times = torch.arange(T)
-        else:
-            u = torch.rand(K, generator=generator, dtype=torch.float64)
-            times = ((torch.arange(K, dtype=torch.float64) + u) * T / K).long().clamp(max=T - 1)
-        noise = torch.randn((K,) + batch + self.diffusion.data_shape, generator=generator, dtype=torch.float64)
+        shape = (K,) + batch
+        u = torch.rand(shape, generator=generator, dtype=torch.float64)
+        blocks = torch.arange(K, dtype=torch.float64).reshape((K,) + (1,) * len(batch))
+        times = 1 + ((blocks + u) * (T - 1) / K).long().clamp(max=T - 2)
+        times = torch.cat([torch.zeros((1,) + batch, dtype=torch.long), times])
+        noise = torch.randn((K + 1,) + batch + self.diffusion.data_shape, generator=generator, dtype=torch.float64)
         return times.to(device), noise.to(dtype=dtype, device=device)
 
     def expand(self, batch_shape: Any, _instance: Any = None) -> dist.Distribution:
@@ -361,11 +363,12 @@ class DiffusionPrior(dist.TorchDistribution):
         diffusion = self.diffusion
         K, batch = self.num_time_samples, tuple(value.shape[:value.dim() - diffusion.rank])
         ones = (1,) * len(batch)
-        if self.times is None or self.noise is None:  # fresh draws: noise for each point
+        if self.times is None or self.noise is None:  # fresh draws for each point
             times, noise = self._draw(None, batch)
-        else:  # common random numbers: the same K draws for every point
-            times, noise = self.times, self.noise.reshape((K,) + ones + diffusion.data_shape)
-        # All K steps in one network call: a leading dimension of size K.
-        x = value.expand((K,) + value.shape)
-        terms = diffusion.step_term(x, times.reshape((K,) + ones).expand((K,) + batch), noise.expand_as(x))
-        return -(diffusion.prior_kl(value) + diffusion.timesteps / K * terms.sum(0))
+        else:  # common random numbers: the same draws for every point
+            times = self.times.reshape((K + 1,) + ones).expand((K + 1,) + batch)
+            noise = self.noise.reshape((K + 1,) + ones + diffusion.data_shape)
+        # All steps in one network call: a leading dimension of size K + 1.
+        x = value.expand((K + 1,) + value.shape)
+        terms = diffusion.step_term(x, times, noise.expand_as(x))
+        return -(diffusion.prior_kl(value) + terms[0] + (diffusion.timesteps - 1) / K * terms[1:].sum(0))
