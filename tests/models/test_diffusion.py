@@ -145,3 +145,14 @@ def test_bad_arguments():
         diffusion.sample(2, num_steps=11)
     with pytest.raises(ConfigError, match="num_time_samples"):
         lk.models.DiffusionPrior(diffusion, num_time_samples=0)
+
+
+def test_images_use_the_unet_and_any_batch_shape():
+    diffusion = lk.models.Diffusion((1, 8, 8), timesteps=20)
+    assert isinstance(diffusion.network, lk.nn.ScoreUNet)
+    X = np.random.default_rng(0).normal(size=(12, 64))  # flattened images are accepted
+    res = lk.fit(diffusion, X, engine="svi", elbo="meanfield", steps=3, batch_size=4, num_samples=2, progress=False)
+    assert res.posterior["x_prev"].shape == (1, 2, 12, 1, 8, 8) and np.isfinite(res.losses).all()
+    assert diffusion.sample(2, num_steps=5, clip=True).shape == (2, 1, 8, 8)
+    prior = lk.models.DiffusionPrior(diffusion, num_time_samples=3)
+    assert prior.log_prob(torch.zeros(4, 5, 1, 8, 8)).shape == (4, 5)
