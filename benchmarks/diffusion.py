@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 import torch
+from scipy.stats import multivariate_normal
 from sklearn.datasets import load_digits
 
 import latentkit as lk
@@ -88,6 +89,10 @@ def main(args: argparse.Namespace) -> None:
           f"(continuous bound in [-1, 1]: {bound_x:.1f} nats)")
     samples = diffusion.sample(len(test), clip=True, seed=args.seed).reshape(len(test), 64).numpy()
     mean, cov = train.mean(0), np.cov(train, rowvar=False)
+    gaussian_x = multivariate_normal(mean, cov).logpdf(test.reshape(len(test), 64)).mean()
+    gaussian_nats = gaussian_x + 64 * math.log(2 / LEVELS)
+    print(f"    Gaussian fit, same units: {gaussian_nats:.1f} nats per image, "
+          f"{-gaussian_nats / (64 * math.log(2)):.3f} bits/dim")
     gaussian_samples = rng.multivariate_normal(mean, cov, size=len(test))
     for name, s in (("diffusion (DDPM)", samples), ("Gaussian fit", gaussian_samples)):
         q = lk.diagnostics.sample_quality(s, test.reshape(len(test), 64), seed=args.seed)

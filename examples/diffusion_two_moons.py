@@ -31,7 +31,7 @@ def main(args: argparse.Namespace) -> None:
     X, _ = make_moons(3000, noise=0.08, random_state=args.seed)
     X = (X - X.mean(0)) / X.std(0)
     train, test = X[:2500], X[2500:]
-    steps, timesteps = (300, 50) if args.smoke else (4000, 200)
+    steps, timesteps = (200, 50) if args.smoke else (4000, 200)
 
     diffusion = lk.models.Diffusion(2, timesteps=timesteps, hidden=(128, 128, 128))
     res = lk.fit(diffusion, train, engine="svi", elbo="meanfield", steps=steps, batch_size=256,
@@ -54,13 +54,13 @@ def main(args: argparse.Namespace) -> None:
         x = pyro.sample("x", prior)
         pyro.sample("y", dist.Normal(x, 0.3).to_event(1), obs=y)
 
-    fitted = lk.fit(shifted, {"y": torch.tensor([0.5, 0.0])}, engine="svi", steps=200 if args.smoke else 1000,
+    fitted = lk.fit(shifted, {"y": torch.tensor([0.5, 0.0])}, engine="svi", steps=100 if args.smoke else 1000,
                     num_samples=100, progress=False, seed=args.seed)
     print("SVI posterior mean of x given y = (0.5, 0) under the diffusion prior:",
           np.round(fitted.posterior["x"].mean((0, 1)), 3))
 
     problem = lk.models.InverseProblem(diffusion, forward=lambda x: x[..., :1], noise_scale=0.1)
-    sampled = lk.fit(problem, {"y": [[0.0]]}, engine="diffusion", num_particles=64 if args.smoke else 512,
+    sampled = lk.fit(problem, {"y": [[0.0]]}, engine="diffusion", num_particles=32 if args.smoke else 512,
                      progress=False, seed=args.seed)
     second = sampled.posterior["x"][..., 0, 1].ravel()
     mean, sd = lk.inference.pixelwise_mean_std(sampled)
