@@ -158,6 +158,8 @@ class Diffusion(LatentModel):
         return torch.as_tensor(array, dtype=self._dtype(), device=self.data_range.device)
 
     def prepare(self, data: Any) -> dict[str, Any]:
+        """``{"X": (N, *data_shape), "subsample_size": None}``; also records the data's range (buffer
+        ``data_range``), to which samplers clip Tweedie's estimate of x_0."""
         X = self.as_tensor(data)
         self.data_range.copy_(torch.stack([X.min(), X.max()]))
         return {"X": X, "subsample_size": None}
