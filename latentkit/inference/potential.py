@@ -2,11 +2,11 @@
 
 import math
 import warnings
-from collections.abc import Callable
 
 import pyro
 import torch
 from pyro.distributions.transforms import biject_to
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from latentkit.inference.target import Target
 from latentkit.inference.vectorize import BatchedModel
@@ -28,7 +28,7 @@ class Potential:
     def __init__(self, target: Target, batched: BatchedModel) -> None:
         self.target = target
         self.batched = batched
-        self.compiled: torch.jit.ScriptFunction | None = None
+        self.compiled: torch.jit.ScriptModule | None = None
         self._compiled_shape: torch.Size | None = None
         self.layout = []
         for name, site in target.of_kind("latent").items():
@@ -61,14 +61,16 @@ class Potential:
         return -(self.batched.log_density(values) + logdet)
 
     def compile(self, z: torch.Tensor) -> bool:
-        """Trace :meth:`energy` for batches shaped like ``z`` (C, D) with ``torch.jit.trace``.
+        """Compile the potential and its gradient for batches shaped like ``z`` (C, D).
 
-        Tracing runs the model once (once per chain when the model does not broadcast over a
-        batch of chains) and records its tensor operations, removing Pyro's per-call Python
-        overhead (3-5x faster on small models). A trace freezes Python control
-        flow, so the traced potential must match the eager one, value and gradient, at ``z``
-        and at random points around it (scales ``_VERIFY_SCALES``); otherwise, or when tracing
-        fails, the potential stays eager and this returns False with a warning.
+        ``make_fx`` records the aten operations of one evaluation, forward and backward pass
+        together (the gradient becomes plain operations, with no autograd at run time), and
+        ``torch.jit.trace`` turns that graph into TorchScript, which runs it without Python: on
+        eight schools 0.11 ms per call against 0.32 ms for a traced forward pass with autograd
+        and 0.84 ms for the Pyro model. A trace freezes Python control flow, so the compiled
+        potential must match the eager one, value and gradient, at ``z`` and at random points
+        around it (scales ``_VERIFY_SCALES``); otherwise, or when tracing fails, the potential
+        stays eager and this returns False with a warning.
         """
         z = z.detach()
         generator = torch.Generator(device=z.device).manual_seed(0)
@@ -77,21 +79,23 @@ class Potential:
         try:
             with warnings.catch_warnings(), pyro.validation_enabled(False):
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                # torch.jit is deprecated in favour of torch.compile/export, but it is the one tracer
-                # whose graphs run without per-operation Python overhead and without a compile step
-                # of tens of seconds; if a future torch drops it, the except below keeps us eager.
+                # torch.jit is deprecated in favour of torch.compile/export, but it is the one runtime
+                # that runs a graph without per-operation Python overhead and without a compile step
+                # of tens of seconds (inductor: 19 s on eight schools); if a future torch drops it,
+                # the except below keeps us eager.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                traced = torch.jit.trace(self.energy, z.clone().requires_grad_(True), check_trace=False)
-            eager = [self._evaluate(self.energy, p) for p in probes]
-            self.compiled, self._compiled_shape = traced, z.shape
-            fast = [self._evaluate(traced, p) for p in probes]
+                graph = make_fx(lambda z: self._value_and_grad(z))(z)
+                compiled = torch.jit.freeze(torch.jit.trace(graph, z, check_trace=False).eval())
+            eager = [self._value_and_grad(p) for p in probes]
+            fast = [compiled(p) for p in probes]
         except Exception as error:  # noqa: BLE001 - any tracing failure means: stay eager
             self.compiled = None
             warnings.warn(f"jit: tracing the potential failed ({type(error).__name__}: {error}); "
                           "running the model eagerly (slower, always correct).", stacklevel=2)
             return False
-        same = all(_close(ua, ub) and _close(ga, gb) for (ua, ga), (ub, gb) in zip(eager, fast, strict=True))
-        if not same:
+        if all(_close(ua, ub) and _close(ga, gb) for (ua, ga), (ub, gb) in zip(eager, fast, strict=True)):
+            self.compiled, self._compiled_shape = compiled, z.shape
+        else:
             self.compiled = None
             warnings.warn("jit: the traced potential differs from the model's (value-dependent Python control "
                           "flow?); running the model eagerly (slower, always correct). Pass jit=False to skip "
@@ -100,14 +104,14 @@ class Potential:
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Potential (C,) and its gradient (C, D); non-finite potentials become +inf."""
-        fn = self.compiled if self.compiled is not None and z.shape == self._compiled_shape else self.energy
-        return self._evaluate(fn, z)
+        if self.compiled is not None and z.shape == self._compiled_shape:
+            return self.compiled(z.detach())
+        return self._value_and_grad(z)
 
-    @staticmethod
-    def _evaluate(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _value_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
-            potential = fn(z)
+            potential = self.energy(z)
             finite = torch.isfinite(potential)
             (grad,) = torch.autograd.grad(torch.where(finite, potential, 0.0).sum(), z)
         potential = torch.where(finite, potential.detach(), math.inf)
