@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLES_DIR = Path(__file__).parents[1] / "examples"
-EXAMPLES = ["eight_schools.py", "gmm_old_faithful.py", "hmm_earthquakes.py", "vae_digits.py"]
+EXAMPLES = ["diffusion_two_moons.py", "eight_schools.py", "gmm_old_faithful.py", "hmm_earthquakes.py", "vae_digits.py"]
 
 
 def test_every_example_is_listed():

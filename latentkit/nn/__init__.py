@@ -10,7 +10,8 @@ from latentkit.nn.gan import ConvDiscriminator, ConvGenerator, Discriminator, Ge
 from latentkit.nn.made import MADE, MaskedLinear
 from latentkit.nn.mlp import MLP
 from latentkit.nn.pixelcnn import MaskedConv2d, PixelCNN
+from latentkit.nn.score import GaussianNoisePredictor, ScoreMLP, ScoreUNet, TimeEmbedding
 
 __all__ = ["MLP", "ConvEncoder", "ConvDecoder", "MADE", "MaskedLinear", "PixelCNN", "MaskedConv2d",
            "AutoregressiveDistribution", "Generator", "Discriminator",
-           "ConvGenerator", "ConvDiscriminator"]
+           "ConvGenerator", "ConvDiscriminator", "ScoreMLP", "ScoreUNet", "TimeEmbedding", "GaussianNoisePredictor"]
