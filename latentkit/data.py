@@ -13,7 +13,7 @@ import torch
 
 from latentkit.errors import DataError
 
-__all__ = ["as_matrix", "as_tensor", "as_model_kwargs"]
+__all__ = ["as_matrix", "as_tensor", "as_model_kwargs", "masked_observations"]
 
 
 def _check_finite(array: np.ndarray, name: str) -> None:
@@ -130,3 +130,48 @@ def as_model_kwargs(
             raise DataError(f"data: key {key!r} is not a valid keyword argument name.")
         kwargs[key] = as_tensor(value, f"data[{key!r}]", device=device)
     return kwargs
+
+
+def _numeric_array(value: Any, name: str) -> np.ndarray:
+    array = np.asarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise DataError(f"{name}: must be numeric, got dtype {array.dtype}.")
+    return array
+
+
+def masked_observations(data: Any, shape: tuple[int, ...], dtype: torch.dtype, source: str) -> dict[str, torch.Tensor]:
+    """Observations ``y`` of points of ``shape`` with an optional mask, as a model's keyword arguments.
+
+    ``data`` is ``y`` itself or ``{"y": y, "mask": mask}``; one point may drop the leading axis. The mask
+    (true where observed) may have the shape of ``y`` or of one point; unobserved entries of ``y`` may
+    be NaN and are set to 0. ``source`` says where ``shape`` comes from, for error messages.
+
+    Shapes:
+        returns ``{"y": (N, *shape), "mask": (N, *shape) bool}``.
+    """
+    mask = None
+    if isinstance(data, Mapping):
+        unknown = set(data) - {"y", "mask"}
+        if unknown or "y" not in data:
+            raise DataError(f"data: a dict takes keys 'y' and optionally 'mask', got {sorted(data)}.")
+        data, mask = data["y"], data.get("mask")
+    y = _numeric_array(data, "y").astype(float)
+    if y.shape == shape:
+        y = y[None]
+    if y.ndim != len(shape) + 1 or y.shape[1:] != shape:
+        raise DataError(f"y: {source} points of shape {shape}, so y must have shape (N, *{shape}) or {shape}; "
+                        f"got {y.shape}.")
+    if y.shape[0] == 0:
+        raise DataError("y: is empty; pass at least one observation.")
+    if mask is None:
+        observed = np.ones(y.shape, dtype=bool)
+    else:
+        observed = _numeric_array(mask, "mask")
+        if not np.isin(observed, (0, 1)).all():
+            raise DataError("mask: must be boolean (or 0/1), true where an entry is observed.")
+        if observed.shape not in (y.shape, shape):
+            raise DataError(f"mask: expected shape {y.shape} or {shape}, got {observed.shape}.")
+        observed = np.broadcast_to(observed.astype(bool), y.shape)
+    if not np.isfinite(y[observed]).all():
+        raise DataError("y: contains NaN or infinite values in observed entries; set mask to False there.")
+    return {"y": torch.as_tensor(np.where(observed, y, 0.0), dtype=dtype), "mask": torch.as_tensor(observed.copy())}

@@ -11,7 +11,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from latentkit.errors import ConfigError, DataError
 from latentkit.models.base import LatentModel
-from latentkit.models.gan_prior import _infer_latent_dim, _positive_int
+from latentkit.models.gan_prior import _positive_int, latent_dim_of
 
 __all__ = ["GAN", "averaged_generator"]
 
@@ -80,12 +80,7 @@ class GAN(LatentModel):
         for name, net in (("generator", generator), ("discriminator", discriminator)):
             if not isinstance(net, nn.Module):
                 raise ConfigError(f"{name}: must be a torch.nn.Module, got {type(net).__name__}.")
-        if latent_dim is None:
-            latent_dim = _infer_latent_dim(generator)
-            if latent_dim is None:
-                raise ConfigError("latent_dim: cannot be inferred (no latent_dim attribute, no nn.Linear); pass it.")
-        if not _positive_int(latent_dim):
-            raise ConfigError(f"latent_dim: must be an integer >= 1, got {latent_dim!r}.")
+        latent_dim = latent_dim_of(generator, latent_dim)
         self.generator, self.discriminator, self.latent_dim = generator, discriminator, int(latent_dim)
         self.ema_generator = None
         reference = next(generator.parameters(), None)

@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from latentkit.data import masked_observations
 from latentkit.errors import ConfigError, DataError
 from latentkit.models.base import LatentModel
 
@@ -23,13 +24,19 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
-def _infer_latent_dim(generator: nn.Module) -> int | None:
-    """``generator.latent_dim`` if set, else the ``in_features`` of its first linear layer."""
-    declared = getattr(generator, "latent_dim", None)
-    if _positive_int(declared):
-        return int(declared)
-    first = next((m for m in generator.modules() if isinstance(m, nn.Linear)), None)
-    return None if first is None else int(first.in_features)
+def latent_dim_of(generator: nn.Module, latent_dim: Any = None) -> int:
+    """``latent_dim`` if given, else ``generator.latent_dim``, else the ``in_features`` of its first
+    linear layer; a ConfigError unless that is an integer >= 1."""
+    if latent_dim is None:
+        latent_dim = getattr(generator, "latent_dim", None)
+    if latent_dim is None:
+        first = next((m for m in generator.modules() if isinstance(m, nn.Linear)), None)
+        if first is None:
+            raise ConfigError("latent_dim: cannot be inferred (no latent_dim attribute, no nn.Linear); pass it.")
+        latent_dim = first.in_features
+    if not _positive_int(latent_dim):
+        raise ConfigError(f"latent_dim: must be an integer >= 1, got {latent_dim!r}.")
+    return int(latent_dim)
 
 
 class GANPrior(LatentModel):
@@ -84,12 +91,7 @@ class GANPrior(LatentModel):
         if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float, np.number)) or not (
                 math.isfinite(noise_scale) and noise_scale > 0):
             raise ConfigError(f"noise_scale: must be a positive number, got {noise_scale!r}.")
-        if latent_dim is None:
-            latent_dim = _infer_latent_dim(generator)
-            if latent_dim is None:
-                raise ConfigError("latent_dim: cannot be inferred (no latent_dim attribute, no nn.Linear); pass it.")
-        if not _positive_int(latent_dim):
-            raise ConfigError(f"latent_dim: must be an integer >= 1, got {latent_dim!r}.")
+        latent_dim = latent_dim_of(generator, latent_dim)
         self.latent_dim, self.noise, self.noise_scale = int(latent_dim), noise, float(noise_scale)
         # A frozen copy held as a plain attribute (not a submodule), as LatentPosterior does with a VAE:
         # no engine changes the weights, and constant weights let the MCMC engine trace the potential.
@@ -109,42 +111,9 @@ class GANPrior(LatentModel):
                           "noise": noise, "noise_scale": self.noise_scale}
 
     # -- data -----------------------------------------------------------------------------------
-    def _array(self, value: Any, name: str) -> np.ndarray:
-        array = np.asarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
-        if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-            raise DataError(f"{name}: must be numeric, got dtype {array.dtype}.")
-        return array
-
     def prepare(self, data: Any) -> dict[str, Any]:
         """``{"y": (N, *output_shape), "mask": (N, *output_shape) bool}``; unobserved entries of y set to 0."""
-        mask = None
-        if isinstance(data, Mapping):
-            unknown = set(data) - {"y", "mask"}
-            if unknown or "y" not in data:
-                raise DataError(f"data: a dict takes keys 'y' and optionally 'mask', got {sorted(data)}.")
-            data, mask = data["y"], data.get("mask")
-        y = self._array(data, "y").astype(float)
-        shape = self.output_shape
-        if y.shape == shape:
-            y = y[None]
-        if y.ndim != len(shape) + 1 or y.shape[1:] != shape:
-            raise DataError(f"y: the generator outputs points of shape {shape}, so y must have shape (N, *{shape}) "
-                            f"or {shape}; got {y.shape}.")
-        if y.shape[0] == 0:
-            raise DataError("y: is empty; pass at least one observation.")
-        if mask is None:
-            mask_array = np.ones(y.shape, dtype=bool)
-        else:
-            mask_array = self._array(mask, "mask")
-            if not np.isin(mask_array, (0, 1)).all():
-                raise DataError("mask: must be boolean (or 0/1), true where an entry is observed.")
-            if mask_array.shape not in (y.shape, shape):
-                raise DataError(f"mask: expected shape {y.shape} or {shape}, got {mask_array.shape}.")
-            mask_array = np.broadcast_to(mask_array.astype(bool), y.shape)
-        if not np.isfinite(y[mask_array]).all():
-            raise DataError("y: contains NaN or infinite values in observed entries; set mask to False there.")
-        y = np.where(mask_array, y, 0.0)
-        return {"y": torch.as_tensor(y, dtype=self._dtype), "mask": torch.as_tensor(mask_array.copy())}
+        return masked_observations(data, self.output_shape, self._dtype, "the generator outputs")
 
     def dims(self, kwargs: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
         features = ("feature",) if len(self.output_shape) == 1 else tuple(

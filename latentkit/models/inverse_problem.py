@@ -10,7 +10,8 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
-from latentkit.errors import ConfigError, DataError
+from latentkit.data import masked_observations
+from latentkit.errors import ConfigError
 from latentkit.models.base import LatentModel
 from latentkit.models.diffusion import Diffusion, DiffusionPrior
 
@@ -158,30 +159,7 @@ class InverseProblem(LatentModel):
     # -- data -----------------------------------------------------------------------------------
     def prepare(self, data: Any) -> dict[str, Any]:
         """``{"y": (N, *obs_shape), "mask": (N, *obs_shape) bool}``; unobserved entries of y set to 0."""
-        mask = None
-        if isinstance(data, Mapping):
-            unknown = set(data) - {"y", "mask"}
-            if unknown or "y" not in data:
-                raise DataError(f"data: a dict takes keys 'y' and optionally 'mask', got {sorted(data)}.")
-            data, mask = data["y"], data.get("mask")
-        value = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else data
-        y = np.asarray(value, dtype=float)
-        if y.shape == self.obs_shape:
-            y = y[None]
-        if y.ndim != len(self.obs_shape) + 1 or y.shape[1:] != self.obs_shape or y.shape[0] == 0:
-            raise DataError(f"y: expected shape (N, *{self.obs_shape}) with N >= 1 (A(x) has shape {self.obs_shape}), "
-                            f"got {y.shape}.")
-        if mask is None:
-            observed = np.ones(y.shape, dtype=bool)
-        else:
-            m = np.asarray(mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else mask)
-            if m.shape not in (y.shape, self.obs_shape) or not np.isin(m, (0, 1)).all():
-                raise DataError(f"mask: must be booleans of shape {y.shape} or {self.obs_shape}, got {m.shape}.")
-            observed = np.broadcast_to(m.astype(bool), y.shape).copy()
-        if not np.isfinite(y[observed]).all():
-            raise DataError("y: contains NaN or infinite values in observed entries; set mask to False there.")
-        dtype = self.diffusion._dtype()
-        return {"y": torch.as_tensor(np.where(observed, y, 0.0), dtype=dtype), "mask": torch.as_tensor(observed)}
+        return masked_observations(data, self.obs_shape, self.diffusion._dtype(), "A(x) has")
 
     def dims(self, kwargs: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
         def names(shape: tuple[int, ...], prefix: str) -> tuple[str, ...]:
