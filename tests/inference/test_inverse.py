@@ -94,7 +94,7 @@ def test_inpainting_keeps_observed_pixels_and_bad_inputs():
     assert np.abs(draws - 1.5).max() < 0.1  # σ = 0.01 pins the observed entry
     with pytest.raises(DataError, match="NaN"):
         identity.prepare([[np.nan, 1.0]])
-    with pytest.raises(DataError, match="y: A\(x\) has points of shape .* so y must have shape"):
+    with pytest.raises(DataError, match=r"y: A\(x\) has points of shape .* so y must have shape"):
         identity.prepare(np.zeros((2, 3)))
     with pytest.raises(DataError, match="mask"):
         identity.prepare({"y": np.zeros((2, 2)), "mask": np.ones(3)})
