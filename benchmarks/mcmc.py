@@ -195,7 +195,7 @@ def measure(idata: Any, seconds: float) -> dict[str, float]:
 
 def agreement(a: Any, b: Any) -> float:
     """Largest |mean_a - mean_b| / sqrt(mcse_a^2 + mcse_b^2) over scalar parameters, and for the sds."""
-    sa, sb = az.summary(a, kind="all"), az.summary(b, kind="all")
+    sa, sb = az.summary(a, kind="all", round_to="none"), az.summary(b, kind="all", round_to="none")
     sb = sb.loc[sa.index]
     z_mean = (sa["mean"] - sb["mean"]).abs() / np.sqrt(sa["mcse_mean"] ** 2 + sb["mcse_mean"] ** 2)
     z_sd = (sa["sd"] - sb["sd"]).abs() / np.sqrt(sa["mcse_sd"] ** 2 + sb["mcse_sd"] ** 2)
