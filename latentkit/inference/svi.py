@@ -63,7 +63,8 @@ class SVIOptions:
     init_scale: float = field(default=0.1, metadata={"min": 0.0, "help": "initial scale of normal guides"})
     elbo: str = field(default="auto", metadata={
         "choices": ("auto", "trace", "meanfield", "enum"),
-        "help": "auto: TraceEnum_ELBO if the model enumerates, else Trace_ELBO"})
+        "help": "auto: TraceEnum_ELBO if the model enumerates, else the model's default_elbo if it has one, "
+                "else Trace_ELBO"})
     device: str | None = field(default=None, metadata={"help": "torch device, e.g. cuda"})
     kl_warmup: int = field(default=0, metadata={
         "min": 0, "help": "KL warm-up: epochs over which the continuous latent sites' log-density (model "
@@ -119,10 +120,11 @@ class SVIEngine:
             return AutoDelta(exposed, init_loc_fn=init)
         return GUIDES[choice](exposed, init_loc_fn=init, init_scale=self.options.init_scale)
 
-    def _elbo(self, target: Target) -> pyro.infer.ELBO:
+    def _elbo(self, target: Target, model: Any) -> pyro.infer.ELBO:
         kind = self.options.elbo
         if kind == "auto":
-            kind = "enum" if target.has_enumeration else "trace"
+            # A model may name the estimator it is meant for (a diffusion model: "meanfield").
+            kind = "enum" if target.has_enumeration else getattr(model, "default_elbo", "trace")
         if target.has_enumeration and kind != "enum":
             raise ConfigError("elbo: the model has enumerated sites; use elbo='enum' or 'auto'.")
         cls = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO, "enum": TraceEnum_ELBO}[kind]
@@ -194,7 +196,7 @@ class SVIEngine:
                 opts.epochs * per_epoch if opts.epochs is not None else DEFAULT_STEPS)
             losses = np.empty(total)
             guide = self._guide(target, model, target.fn, seed)
-            elbo = self._elbo(target)
+            elbo = self._elbo(target, model)
             fast = self._fast_loss(model, target)
             warmup_steps = opts.kl_warmup * per_epoch
 

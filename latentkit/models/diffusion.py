@@ -46,9 +46,9 @@ class Diffusion(LatentModel):
     term KL(q(x_T | x_0) || N(0, I)) enters through the site ``x_T``. The ELBO of this pair is therefore
     an unbiased estimate of the diffusion model's variational lower bound on log p(x_0) (Ho et al., eq. 5).
 
-    Train with ``lk.fit(diffusion, X, engine="svi", elbo="meanfield", batch_size=..., num_samples=2)``:
-    ``elbo="meanfield"`` uses the closed-form Gaussian KL of each step (the usual DDPM loss), which
-    has far less variance than the single-sample estimate of the default ``Trace_ELBO``. Keep
+    Train with ``lk.fit(diffusion, X, engine="svi", batch_size=..., num_samples=2)``: the SVI engine's
+    ``elbo="auto"`` takes this model's ``default_elbo = "meanfield"``, the closed-form Gaussian KL of each
+    step (the usual DDPM loss), which has far less variance than a single-sample ``Trace_ELBO``. Keep
     ``num_samples`` small: each posterior draw holds x_t and x_{t-1} for every data point.
     ``weighting="simple"`` divides each step's term by its weight w_t (Ho et al.'s L_simple, eq. 14,
     ``||ε - ε̂(x_t, t)||²``): better samples, but the loss is then not a bound.
@@ -83,6 +83,9 @@ class Diffusion(LatentModel):
         >>> diffusion.sample(3, seed=0).shape, diffusion.log_prob_bound(np.zeros((4, 2))).shape
         (torch.Size([3, 2]), torch.Size([4]))
     """
+
+    #: The SVI engine's ``elbo="auto"`` choice for this model: the closed-form KL per step.
+    default_elbo = "meanfield"
 
     def __init__(self, data_shape: int | Sequence[int], network: nn.Module | None = None, *,
                  schedule: Literal["linear", "cosine"] = "linear", timesteps: int = 1000,

@@ -1,5 +1,6 @@
 """Diffusion models: the process, the SVI model/guide pair, and DiffusionPrior inside other models."""
 
+import copy
 import math
 
 import numpy as np
@@ -149,10 +150,15 @@ def test_bad_arguments():
 
 def test_images_use_the_unet_and_any_batch_shape():
     diffusion = lk.models.Diffusion((1, 8, 8), timesteps=20)
+    twin = copy.deepcopy(diffusion)
     assert isinstance(diffusion.network, lk.nn.ScoreUNet)
     X = np.random.default_rng(0).normal(size=(12, 64))  # flattened images are accepted
     res = lk.fit(diffusion, X, engine="svi", elbo="meanfield", steps=3, batch_size=4, num_samples=2, progress=False)
     assert res.posterior["x_prev"].shape == (1, 2, 12, 1, 8, 8) and np.isfinite(res.losses).all()
+    # elbo="auto" takes the model's default_elbo, the closed-form KL per step.
+    auto = lk.fit(twin, X, engine="svi", steps=3, batch_size=4, num_samples=2,
+                  progress=False)
+    np.testing.assert_array_equal(auto.losses, res.losses)
     assert diffusion.sample(2, num_steps=5, clip=True).shape == (2, 1, 8, 8)
     prior = lk.models.DiffusionPrior(diffusion, num_time_samples=3)
     assert prior.log_prob(torch.zeros(4, 5, 1, 8, 8)).shape == (4, 5)
