@@ -179,9 +179,27 @@ def check(result: Result) -> CheckReport:
 
 
 def _checks(result: Result) -> tuple[list[Check], dict[str, dict[str, Any]]]:
+    if result.engine == "adversarial":
+        return _adversarial_checks(result), {}
     if result.losses is not None:
         return _svi_checks(result)
     return _mcmc_checks(result), {}
+
+
+def _adversarial_checks(result: Result) -> list[Check]:
+    """A GAN's losses are a game's, not a bound: no convergence verdict can be read from them (sample
+    quality decides: :func:`latentkit.diagnostics.sample_quality`); only broken training is caught."""
+    losses = {player: np.asarray(result.params[f"losses.{player}"], dtype=float)
+              for player in ("discriminator", "generator") if f"losses.{player}" in result.params}
+    finite = all(np.isfinite(v).all() for v in losses.values())
+    return [
+        Check("losses_finite", float(finite), "all finite", "pass" if finite else "fail",
+              "both players' losses stayed finite" if finite else
+              "a loss became NaN or infinite: lower the learning rates or use loss='wgan-gp' / spectral norm"),
+        Check("sample_quality", math.nan, "sample_quality(samples, reference)", "warn",
+              "adversarial losses do not show convergence: compare samples with held-out data "
+              "(Fréchet distance, MMD, precision/recall)"),
+    ]
 
 
 def _mcmc_checks(result: Result) -> list[Check]:

@@ -100,6 +100,18 @@ def predictive_sites(result: Result) -> list[str]:
                   if result.posterior_predictive[k].shape[2:] == np.shape(result.observed_data[k]))
 
 
+def plot_adversarial_losses(result: Result) -> Figure:
+    """The discriminator's and the generator's loss per step of adversarial training."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for color, player in (("C0", "discriminator"), ("C1", "generator")):
+        loss = np.asarray(result.params[f"losses.{player}"], dtype=float)
+        ax.plot(np.arange(1, len(loss) + 1), loss, lw=0.6, color=color, label=player)
+    ax.set(xlabel="step", ylabel="loss", title="adversarial losses")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
 @_quiet
 def plot_energy(result: Result) -> Figure:
     """``az.plot_energy``: marginal energy vs energy transitions (HMC/NUTS)."""
@@ -217,6 +229,7 @@ CAPTIONS = {
     "rank": "Rank plots: uniform when the chains mix",
     "energy": "Energy: the two densities overlap when E-BFMI is healthy",
     "elbo": "ELBO per step, and the last two windows compared by the convergence check",
+    "losses": "Discriminator and generator losses per step (adversarial training)",
     "ppc": "Posterior predictive densities over the observed data",
     "loo_pit": "LOO-PIT: the ECDF difference stays inside the band when the predictions are calibrated",
 }
@@ -234,7 +247,9 @@ def standard_plots(result: Result) -> list[tuple[str, Callable[[], Figure]]]:
         makers.append(("rank", lambda: plot_rank(result, names)))
     if "energy" in result.sample_stats:
         makers.append(("energy", lambda: plot_energy(result)))
-    if result.losses is not None:
+    if result.engine == "adversarial":
+        makers.append(("losses", lambda: plot_adversarial_losses(result)))
+    elif result.losses is not None:
         makers.append(("elbo", lambda: plot_elbo(result)))
     if callable(getattr(result.model, "plots", None)):  # the model's own plots (a VAE's reconstructions, ...)
         makers.extend(result.model.plots(result))

@@ -72,6 +72,15 @@ def test_hinge_loss_and_options(ring):
     assert torch.equal(gan.generate(z), gan.generate(z, ema=False))
 
 
+def test_checks_and_plots_of_a_gan_are_not_about_an_elbo(ring, tmp_path):
+    result = lk.fit(small_gan(), ring, engine="adversarial", steps=10, num_samples=20, seed=0, progress=False)
+    report = lk.diagnostics.check(result)
+    assert [(c.name, c.verdict) for c in report.checks] == [("losses_finite", "pass"), ("sample_quality", "warn")]
+    assert report.passed
+    names = [path.stem for path in lk.diagnostics.write_plots(result, tmp_path)]
+    assert "losses" in names and "elbo" not in names
+
+
 def test_bad_input(ring):
     gan = small_gan()
     with pytest.raises(ConfigError, match=r"loss: must be one of \['non-saturating', 'wgan-gp', 'hinge'\], got 'wgan'"):
