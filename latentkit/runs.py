@@ -128,8 +128,10 @@ def _rebuild_model(config: dict[str, Any]) -> Any:
 def load(path: str | Path, model: Any = None) -> Result:
     """Read a run folder back into a :class:`Result` equal to the one saved.
 
-    Built-in models are rebuilt from ``config.json``; for a plain Pyro function pass it as
-    ``model``. Nothing is unpickled.
+    Built-in models are rebuilt from ``config.json``, with their fitted network weights (a VAE's
+    encoder and decoder, a diffusion model's network) loaded from ``params``; for a plain Pyro
+    function or a model with custom networks pass it as ``model`` (``result.fitted_model()`` then
+    gives a copy of it with the fitted weights). Nothing is unpickled.
 
     Raises:
         RunFolderError: the folder or one of its files is missing or unreadable.
@@ -162,7 +164,7 @@ def load(path: str | Path, model: Any = None) -> Result:
         losses = optimization["loss"].values
         epoch_metrics = {k.removeprefix("epoch_"): optimization[k].values for k in optimization.data_vars
                          if k.startswith("epoch_")}
-    return Result(
+    result = Result(
         **groups,
         dims=dims,
         coords=coords,
@@ -172,6 +174,7 @@ def load(path: str | Path, model: Any = None) -> Result:
         config=config,
         model=model if model is not None else _rebuild_model(config),
     )
+    return result if model is not None else dataclasses.replace(result, model=result.fitted_model())
 
 
 def fit_in_folder(

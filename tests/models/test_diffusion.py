@@ -162,3 +162,11 @@ def test_images_use_the_unet_and_any_batch_shape():
     assert diffusion.sample(2, num_steps=5, clip=True).shape == (2, 1, 8, 8)
     prior = lk.models.DiffusionPrior(diffusion, num_time_samples=3)
     assert prior.log_prob(torch.zeros(4, 5, 1, 8, 8)).shape == (4, 5)
+
+
+def test_a_loaded_run_folder_has_the_trained_network(tmp_path):
+    diffusion = lk.models.Diffusion(2, timesteps=10, hidden=(8,))
+    X = np.random.default_rng(0).normal(size=(16, 2))
+    lk.fit(diffusion, X, engine="svi", steps=5, batch_size=8, num_samples=1, progress=False, out=tmp_path / "run")
+    loaded = lk.load(tmp_path / "run").model
+    torch.testing.assert_close(loaded.sample(4, seed=0), diffusion.sample(4, seed=0))

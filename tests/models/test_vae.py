@@ -158,6 +158,8 @@ def test_run_folder_round_trip(digits, tmp_path):
     back = lk.load(tmp_path / "vae")
     assert isinstance(back.model, lk.models.VAE) and back.model.init_args == vae.init_args
     np.testing.assert_array_equal(back.posterior["z"], res.posterior["z"])
+    # The rebuilt model carries the fitted weights.
+    torch.testing.assert_close(back.model.reconstruct(train[:5]), vae.reconstruct(train[:5]))
 
 
 def test_bad_input():
@@ -350,8 +352,8 @@ def test_run_folder_has_the_vae_plots(digits, tmp_path):
     wanted = {"reconstructions.png", "samples.png", "latent_traversals.png", "epochs.png", "elbo.png"}
     assert wanted <= {p.name for p in (tmp_path / "run" / "plots").iterdir()}
     assert "epochs" in dict(vae.plots(res)) and len(res.epoch_metrics["validation_elbo"]) == 2
-    loaded = lk.load(tmp_path / "run")  # its model is rebuilt untrained: the plots use the saved weights
-    assert torch.equal(loaded.fitted_model().reconstruct(test[:5]), vae.reconstruct(test[:5]))
+    loaded = lk.load(tmp_path / "run")  # its model is rebuilt with the saved weights
+    assert torch.equal(loaded.model.reconstruct(test[:5]), vae.reconstruct(test[:5]))
     assert [stem for stem, _ in loaded.model.plots(loaded)] == [stem for stem, _ in vae.plots(res)]
     cvae = lk.models.ConditionalVAE(input_dim=64, latent_dim=2, context_dim=10, hidden=(16,))
     labels = load_digits().target[np.random.default_rng(0).permutation(1797)[:200]]
