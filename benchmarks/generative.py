@@ -24,6 +24,7 @@ simple weighting, data scaled to [-1, 1], ancestral DDPM samples with the Tweedi
 import argparse
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,9 +38,9 @@ from latentkit.nn import ConvDiscriminator, ConvGenerator
 NUM_SAMPLES = 1000
 
 
-def cpu_steps(fit: Callable[[int], object], budget: float, probe: int) -> tuple[int, float]:
-    """Steps that fill ``budget`` CPU seconds: the CPU time per step is the slope between fits of ``probe``
-    and ``2 * probe`` steps (the fixed cost of a fit left out). Returns (steps, seconds per step)."""
+def fit_for_budget(fit: Callable[[int], Any], budget: float, probe: int) -> tuple[Any, int, float]:
+    """Fit for about ``budget`` CPU seconds: the CPU time per step is the slope between fits of ``probe``
+    and ``2 * probe`` steps (the fixed cost of a fit left out). Returns (fitted model, steps, CPU seconds)."""
     times = []
     for steps in (probe, 2 * probe):
         start = time.process_time()
@@ -48,7 +49,10 @@ def cpu_steps(fit: Callable[[int], object], budget: float, probe: int) -> tuple[
     average = times[1] / (2 * probe)
     slope = (times[1] - times[0]) / probe
     per_step = slope if slope > 0.2 * average else average  # timer noise swamping the slope: the average
-    return max(int(budget / per_step), 1), per_step
+    steps = max(int(budget / per_step), 1)
+    start = time.process_time()
+    model = fit(steps)
+    return model, steps, time.process_time() - start
 
 
 def gan(train: np.ndarray, budget: float, probe: int, seed: int) -> tuple[np.ndarray, int, float]:
@@ -64,10 +68,7 @@ def gan(train: np.ndarray, budget: float, probe: int, seed: int) -> tuple[np.nda
         lk.fit(network, data, engine="adversarial", steps=steps, num_samples=1, seed=seed, progress=False)
         return network
 
-    steps, _ = cpu_steps(fit, budget, probe)
-    start = time.process_time()
-    network = fit(steps)
-    used = time.process_time() - start
+    network, steps, used = fit_for_budget(fit, budget, probe)
     samples = (network.sample(NUM_SAMPLES, seed=seed + 1).reshape(NUM_SAMPLES, 64).numpy() + 1) / 2
     return samples, steps, used
 
@@ -80,10 +81,7 @@ def vae(train: np.ndarray, budget: float, probe: int, seed: int) -> tuple[np.nda
                seed=seed, progress=False)
         return model
 
-    steps, _ = cpu_steps(fit, budget, probe)
-    start = time.process_time()
-    model = fit(steps)
-    used = time.process_time() - start
+    model, steps, used = fit_for_budget(fit, budget, probe)
     return model.sample(NUM_SAMPLES, mean=True, seed=seed + 1).numpy(), steps, used
 
 
@@ -99,10 +97,7 @@ def diffusion(train: np.ndarray, budget: float, probe: int, seed: int) -> tuple[
                seed=seed, progress=False)
         return model
 
-    steps, _ = cpu_steps(fit, budget, probe)
-    start = time.process_time()
-    model = fit(steps)
-    used = time.process_time() - start
+    model, steps, used = fit_for_budget(fit, budget, probe)
     samples = model.sample(NUM_SAMPLES, clip=True, seed=seed + 1).reshape(NUM_SAMPLES, 64).numpy()
     return (samples + 1) / 2, steps, used
 
