@@ -95,7 +95,10 @@ class Potential:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 graph = make_fx(lambda z: self._value_and_grad(z))(z)
                 if backend == "inductor":
-                    compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True)
+                    # cpp_wrapper: the generated kernels are called from C++, not Python; HMM T=1000
+                    # 0.54 against 0.65 ms per call, and no slower to compile.
+                    compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True,
+                                             options={"cpp_wrapper": True})
                 else:
                     compiled = torch.jit.freeze(torch.jit.trace(graph, z, check_trace=False).eval())
                 fast = [compiled(p) for p in probes]  # inductor compiles on its first call
