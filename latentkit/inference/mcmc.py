@@ -44,8 +44,12 @@ class MCMCOptions:
         "choices": ("model", "uniform", "median"),
         "help": "model (built-in starting points, else uniform), uniform (-2, 2) unconstrained, median, "
                 "or a dict of values"})
-    jit: bool = field(default=True, metadata={
-        "help": "trace the potential with torch.jit (checked against the eager model; falls back to it)"})
+    jit: bool | str = field(default=True, metadata={
+        "choices": ("inductor",),
+        "help": "compile the potential: True traces it with torch.jit; 'inductor' uses torch.compile, "
+                "6-20 s to compile (cached on disk) for calls up to 3x faster: worth it for long fits of "
+                "heavy models such as long HMMs; False runs it eagerly. Checked against the eager model, "
+                "falling back to it"})
     device: str | None = field(default=None, metadata={"help": "torch device, e.g. cuda"})
 
 
@@ -110,7 +114,7 @@ class MCMCEngine:
             z0 = self._initial_points(target, model, potential, seed)
             batched.check_vectorization(potential.constrain(z0)[0])
             if opts.jit:
-                potential.compile(z0)
+                potential.compile(z0, "inductor" if opts.jit == "inductor" else "torchscript")
             generator = torch.Generator(device=z0.device).manual_seed(seed)
             chains = run_chains(
                 potential, z0, algorithm=self.name, num_warmup=opts.num_warmup,

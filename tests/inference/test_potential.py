@@ -1,4 +1,6 @@
-"""The potential energy: eager through Pyro, or traced with torch.jit and checked against eager."""
+"""The potential energy: eager through Pyro, or compiled (torch.jit, inductor) and checked against eager."""
+
+import shutil
 
 import numpy as np
 import pyro
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 import latentkit as lk
+from latentkit.errors import ConfigError
 from latentkit.inference.potential import Potential
 from latentkit.inference.target import bind
 from latentkit.inference.vectorize import BatchedModel
@@ -95,3 +98,37 @@ def test_a_model_evaluated_chain_by_chain_is_traced_too():
     eager = potential(z + 1.0)
     assert potential.compile(z)
     torch.testing.assert_close(potential(z + 1.0), eager, rtol=1e-9, atol=1e-9)
+
+
+def test_inductor_potential_matches_eager_away_from_the_trace_point():
+    if not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")):
+        pytest.skip("inductor generates C++ and needs a C++ compiler; none is installed")
+    potential, z = _potential(eight_schools, SCHOOLS)
+    eager = potential(z + 2.0)
+    assert potential.compile(z, "inductor")
+    torch.testing.assert_close(potential(z + 2.0), eager, rtol=1e-9, atol=1e-9)
+
+
+def test_a_failed_inductor_compile_falls_back_to_eager(monkeypatch):
+    def no_compiler(graph, **options):
+        def compiled(z):
+            raise RuntimeError("no C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    potential, z = _potential(eight_schools, SCHOOLS)
+    with pytest.warns(UserWarning, match=r"failed \(inductor, RuntimeError: no C\+\+ compiler"):
+        assert not potential.compile(z, "inductor")
+    assert potential.compiled is None
+    torch.testing.assert_close(potential(z), potential._value_and_grad(z))
+
+
+def test_the_jit_option_picks_the_compiler(monkeypatch):
+    backends = []
+    monkeypatch.setattr(Potential, "compile", lambda self, z, backend="torchscript": backends.append(backend))
+    kwargs = dict(engine="nuts", num_warmup=5, num_samples=5, num_chains=2, seed=0, progress=False)
+    for jit in (True, "inductor", False):
+        lk.fit(eight_schools, SCHOOLS, jit=jit, **kwargs)
+    assert backends == ["torchscript", "inductor"]
+    with pytest.raises(ConfigError, match="jit: must be one of"):
+        lk.fit(eight_schools, SCHOOLS, jit="inducto", **kwargs)
