@@ -136,7 +136,8 @@ class MCMCEngine:
                 "seed": seed,
                 "versions": versions(),
                 "vectorized": bool(batched.vectorized),
-                "jit": potential.compiled is not None,
+                "jit": (("inductor" if opts.jit == "inductor" else "torchscript")
+                        if potential.compiled is not None else False),
             }
             return complete_result(target, batched, samples, model=model, sample_stats=stats,
                                    config=config, seed=seed)
