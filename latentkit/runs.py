@@ -29,6 +29,7 @@ from typing import Any
 import arviz as az
 import numpy as np
 import pandas as pd
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -174,7 +175,9 @@ def load(path: str | Path, model: Any = None) -> Result:
         config=config,
         model=model if model is not None else _rebuild_model(config),
     )
-    return result if model is not None else dataclasses.replace(result, model=result.fitted_model())
+    if model is None and isinstance(result.model, torch.nn.Module) and result.model_state():
+        result.model.load_state_dict(result.model_state())  # the rebuilt model is ours: fill in its weights
+    return result
 
 
 def fit_in_folder(

@@ -157,12 +157,15 @@ class Result:
         """The fitted model: :attr:`model` with the network weights of :attr:`params` (``model.*``)
         loaded into a copy, since a loaded result's model is rebuilt from ``config`` untrained; the
         model itself when there are no such weights."""
-        state = {k.removeprefix("model."): v for k, v in self.params.items() if k.startswith("model.")}
-        if not isinstance(self.model, torch.nn.Module) or not state:
+        if not isinstance(self.model, torch.nn.Module) or not self.model_state():
             return self.model
         model = copy.deepcopy(self.model)
-        model.load_state_dict(state)
+        model.load_state_dict(self.model_state())
         return model
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The fitted weights of the model's networks in :attr:`params` (``model.*``), by state-dict name."""
+        return {k.removeprefix("model."): v for k, v in self.params.items() if k.startswith("model.")}
 
     def summary(self, var_names: list[str] | None = None, **kwargs: Any) -> pd.DataFrame:
         """ArviZ's summary table (mean, sd, hdi, mcse, ess_bulk, ess_tail, r_hat).
