@@ -13,7 +13,7 @@ import torch
 
 from latentkit.errors import DataError
 
-__all__ = ["as_matrix", "as_tensor", "as_model_kwargs", "masked_observations"]
+__all__ = ["as_matrix", "as_numeric_array", "as_tensor", "as_model_kwargs", "masked_observations"]
 
 
 def _check_finite(array: np.ndarray, name: str) -> None:
@@ -38,6 +38,25 @@ def _numeric_frame(frame: pd.DataFrame, name: str) -> np.ndarray:
     return frame.to_numpy(dtype=float)
 
 
+def as_numeric_array(value: Any, name: str, *, allow_bool: bool = False) -> np.ndarray:
+    """A tensor, array or nested list as a NumPy array of numbers (booleans only if ``allow_bool``).
+
+    Raises:
+        DataError: it cannot be read as an array, or holds strings or objects.
+    """
+    if isinstance(value, torch.Tensor):
+        array = value.detach().cpu().numpy()
+    else:
+        try:
+            array = np.asarray(value)
+        except (TypeError, ValueError) as error:
+            raise DataError(f"{name}: could not be read as an array ({error}).") from error
+    if not (np.issubdtype(array.dtype, np.number) or (allow_bool and array.dtype == bool)):
+        raise DataError(f"{name}: expected numbers, got dtype {array.dtype}; convert strings to numbers "
+                        "or select numeric columns.")
+    return array
+
+
 def as_matrix(
     data: Any,
     name: str = "data",
@@ -59,20 +78,7 @@ def as_matrix(
     if isinstance(data, pd.Series):
         raise DataError(f"{name}: expected a 2-D table (N, D), got a pandas Series; use "
                         "series.to_frame() for one column.")
-    if isinstance(data, pd.DataFrame):
-        array = _numeric_frame(data, name)
-    elif isinstance(data, torch.Tensor):
-        array = data.detach().cpu().numpy()
-    else:
-        try:
-            array = np.asarray(data)
-        except (TypeError, ValueError) as error:
-            raise DataError(f"{name}: could not be read as an array ({error}).") from error
-    if array.dtype == object or not np.issubdtype(array.dtype, np.number):
-        raise DataError(
-            f"{name}: expected numbers, got dtype {array.dtype}; convert strings to numbers "
-            "or select numeric columns."
-        )
+    array = _numeric_frame(data, name) if isinstance(data, pd.DataFrame) else as_numeric_array(data, name)
     if array.ndim != 2:
         raise DataError(
             f"{name}: expected a 2-D array of shape (N, D), got shape {array.shape}; "
@@ -132,13 +138,6 @@ def as_model_kwargs(
     return kwargs
 
 
-def _numeric_array(value: Any, name: str) -> np.ndarray:
-    array = np.asarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise DataError(f"{name}: must be numeric, got dtype {array.dtype}.")
-    return array
-
-
 def masked_observations(data: Any, shape: tuple[int, ...], dtype: torch.dtype, source: str) -> dict[str, torch.Tensor]:
     """Observations ``y`` of points of ``shape`` with an optional mask, as a model's keyword arguments.
 
@@ -155,7 +154,7 @@ def masked_observations(data: Any, shape: tuple[int, ...], dtype: torch.dtype, s
         if unknown or "y" not in data:
             raise DataError(f"data: a dict takes keys 'y' and optionally 'mask', got {sorted(data)}.")
         data, mask = data["y"], data.get("mask")
-    y = _numeric_array(data, "y").astype(float)
+    y = as_numeric_array(data, "y", allow_bool=True).astype(float)
     if y.shape == shape:
         y = y[None]
     if y.ndim != len(shape) + 1 or y.shape[1:] != shape:
@@ -166,7 +165,7 @@ def masked_observations(data: Any, shape: tuple[int, ...], dtype: torch.dtype, s
     if mask is None:
         observed = np.ones(y.shape, dtype=bool)
     else:
-        observed = _numeric_array(mask, "mask")
+        observed = as_numeric_array(mask, "mask", allow_bool=True)
         if not np.isin(observed, (0, 1)).all():
             raise DataError("mask: must be boolean (or 0/1), true where an entry is observed.")
         if observed.shape not in (y.shape, shape):

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from latentkit.data import as_numeric_array
 from latentkit.errors import ConfigError, DataError
 
 __all__ = ["SampleQuality", "sample_quality"]
@@ -89,15 +90,8 @@ def _positive_int(value: Any) -> bool:
 
 def _as_points(value: Any, name: str) -> torch.Tensor:
     """``(N, *shape)`` numbers as a float tensor (default dtype), validated."""
-    if isinstance(value, torch.Tensor):
-        array = value.detach().cpu().numpy()
-    else:
-        try:
-            array = np.asarray(value)
-        except (TypeError, ValueError) as error:
-            raise DataError(f"{name}: could not be read as an array ({error}).") from error
-    real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
-    if array.dtype == object or not real:
+    array = as_numeric_array(value, name)
+    if np.issubdtype(array.dtype, np.complexfloating):
         raise DataError(f"{name}: expected real numbers, got dtype {array.dtype}.")
     if array.ndim < 2:
         raise DataError(f"{name}: expected shape (N, *event_shape), got {array.shape}; "
