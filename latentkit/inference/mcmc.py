@@ -46,15 +46,19 @@ class MCMCOptions:
                 "or a dict of values"})
     jit: bool | str = field(default=True, metadata={
         "choices": ("inductor",),
-        "help": "compile the potential: True traces it with torch.jit; 'inductor' uses torch.compile, "
-                "6-20 s to compile (cached on disk) for calls up to 3x faster: worth it for long fits of "
-                "heavy models such as long HMMs; False runs it eagerly. Checked against the eager model, "
-                "falling back to it"})
+        "help": "compile the sampler's step with the model's potential: True traces it into one TorchScript "
+                "graph (Static Runtime); 'inductor' uses torch.compile, 6-20 s to compile (cached on disk) "
+                "for steps up to 4x faster: worth it for long fits; False runs it eagerly. Checked against "
+                "the eager step, falling back to it"})
     device: str | None = field(default=None, metadata={"help": "torch device, e.g. cuda"})
 
 
 class MCMCEngine:
-    """NUTS (``algorithm="nuts"``) or static HMC (``"hmc"``) with all chains in lock-step.
+    """NUTS (``algorithm="nuts"``) or static HMC (``"hmc"``), all chains batched in one process.
+
+    NUTS chains go at their own pace, one leapfrog step of every chain per call of one compiled
+    graph (see :func:`~latentkit.inference.kernels.run_chains`); static HMC makes one transition
+    of every chain per call, with a compiled potential.
 
     Discrete sites marked for enumeration are summed out in the potential and sampled
     afterwards with ``infer_discrete``. Each chain starts from its own point, derived from

@@ -66,7 +66,8 @@ def branchy(y):
 def test_value_dependent_control_flow_falls_back_to_eager():
     potential, z = _potential(branchy, {"y": torch.tensor(0.5)}, vectorized=True)
     z = z.abs() + 1.0  # traced where every mu > 0
-    with pytest.warns(UserWarning, match="jit: (tracing the potential failed|the traced version of the potential differs)"):
+    with pytest.warns(UserWarning,
+                      match="jit: (tracing the potential failed|the traced version of the potential differs)"):
         assert not potential.compile(z)
     assert potential.compiled is None
     value, _ = potential(-z)

@@ -76,7 +76,9 @@ def compile_function(
                 compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True,
                                          options={"cpp_wrapper": True})
             else:
-                compiled = _static_runtime(torch.jit.freeze(torch.jit.trace(graph, example, check_trace=False).eval()))
+                compiled = torch.jit.freeze(torch.jit.trace(graph, example, check_trace=False).eval())
+                if all(tensor.device.type == "cpu" for tensor in example):
+                    compiled = _static_runtime(compiled)
             checks = [example, *probes]
             fast = [compiled(*args) for args in checks]  # inductor compiles here
         eager = [fn(*args) for args in checks]
@@ -98,7 +100,8 @@ def _static_runtime(module: torch.jit.ScriptModule) -> Callable[..., tuple[torch
     Static Runtime plans memory and calls operators with much less overhead per operation than
     the TorchScript interpreter: a NUTS step of eight schools (about 440 small operations) takes
     0.17 ms instead of 0.30 ms. It is reached through ``torch._C`` (PyTorch ships it for
-    serving, without a public Python API), so any failure to convert keeps the interpreter.
+    serving, without a public Python API), so any failure to convert keeps the interpreter. It
+    runs on CPU only.
     """
     try:
         return torch._C._jit_to_static_module(module._c)

@@ -112,7 +112,7 @@ def _checkpoint_range(leaf: int) -> tuple[int, int]:
 class Tree(NamedTuple):
     """Every chain's NUTS transition in progress, between two leapfrog steps.
 
-    A chain's transition builds a trajectory around ``start`` by doublings; the doubling in
+    A chain's transition builds a trajectory around ``state`` by doublings; the doubling in
     progress builds a subtree of ``2**depth`` leaves one leaf per call of :func:`advance`,
     from ``frontier`` in the direction ``going_right``. Chains are at different places in
     their transitions; each starts its next transition as soon as one ends.
