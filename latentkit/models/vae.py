@@ -57,6 +57,8 @@ def _active_units(q: dist.Normal, threshold: float) -> torch.Tensor:
 
 def _batched(net: nn.Module, x: torch.Tensor, event_rank: int) -> torch.Tensor:
     """Apply ``net`` (which takes one batch dimension) to x with any number of batch dimensions."""
+    if x.dim() == event_rank + 1:  # one batch dimension already: no reshapes (nor their autograd nodes)
+        return net(x)
     batch = x.shape[:x.dim() - event_rank]
     out = net(x.reshape((-1,) + tuple(x.shape[len(batch):])))
     return out.reshape(batch + out.shape[1:])
@@ -336,10 +338,11 @@ class VAE(LatentModel):
         return {"z": ("obs_id", "latent"), "obs": ("obs_id",) + features}
 
     # -- networks -----------------------------------------------------------------------------
-    def _gaussian(self, x: torch.Tensor, context: torch.Tensor | None = None
-                  ) -> tuple[dist.Distribution, torch.Tensor]:
-        """The Gaussian part of q(z | x) and the encoder's input (one-hot for categorical data,
-        flattened and concatenated with the context for a conditional VAE)."""
+    def _encoded(self, x: torch.Tensor, context: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loc and log scale of the Gaussian part of q(z | x), each ``x batch + (latent_dim,)``, and
+        the encoder's input (one-hot for categorical data, flattened and concatenated with the context
+        for a conditional VAE)."""
         if self.likelihood == "categorical":
             x = nn.functional.one_hot(x.long(), self.n_categories).to(self._reference().dtype)
         if self.context_dim:
@@ -348,7 +351,12 @@ class VAE(LatentModel):
             batch = x.shape[:x.dim() - len(self.encoder_input_shape)]
             x = torch.cat([x.reshape(batch + (-1,)), context.expand(batch + context.shape[-1:])], -1)
         params = _batched(self.encoder, x, len(self._encoder_event()))
-        loc, log_scale = params[..., :self.latent_dim], params[..., self.latent_dim:]
+        return params[..., :self.latent_dim], params[..., self.latent_dim:], x
+
+    def _gaussian(self, x: torch.Tensor, context: torch.Tensor | None = None
+                  ) -> tuple[dist.Distribution, torch.Tensor]:
+        """The Gaussian part of q(z | x) and the encoder's input (see :meth:`_encoded`)."""
+        loc, log_scale, x = self._encoded(x, context)
         # Valid by construction (a positive scale); a NaN from the networks shows in the loss.
         return dist.Normal(loc, log_scale.exp(), validate_args=False).to_event(1), x
 
@@ -371,14 +379,19 @@ class VAE(LatentModel):
             z = transform(z)
         return z
 
+    def _decoder_input(self, z: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """z, concatenated with the context for a conditional VAE."""
+        if not self.context_dim:
+            return z
+        if context is None:
+            raise DataError("context: a ConditionalVAE decodes z together with its context.")
+        batch = torch.broadcast_shapes(z.shape[:-1], context.shape[:-1])
+        return torch.cat([z.expand(batch + z.shape[-1:]), context.expand(batch + context.shape[-1:])], -1)
+
     def decode(self, z: torch.Tensor, context: torch.Tensor | None = None) -> dist.Distribution:
         """p(x | z[, context]): batch ``z.shape[:-1]``, event ``input_shape``."""
         rank = len(self.input_shape)
-        if self.context_dim:
-            if context is None:
-                raise DataError("context: a ConditionalVAE decodes z together with its context.")
-            batch = torch.broadcast_shapes(z.shape[:-1], context.shape[:-1])
-            z = torch.cat([z.expand(batch + z.shape[-1:]), context.expand(batch + context.shape[-1:])], -1)
+        z = self._decoder_input(z, context)
         if self.autoregressive:
             # validate_args=False: Bernoulli data may be grey levels in [0, 1] (see the class docstring).
             return self.decoder.distribution(z, validate_args=False)
@@ -530,15 +543,24 @@ class VAE(LatentModel):
         if self.flows:
             q = self.encode(X, C)
             z = q.rsample()
-            latent = self.prior().log_prob(z) - q.log_prob(z)
+            latent = (self.prior().log_prob(z) - q.log_prob(z)).sum()
         else:
             # The Gaussian case written out, as a per-step hot path: z = loc + scale * eps with the draws
             # of Normal.rsample, and log N(z; 0, I) - log N(z; loc, scale) = sum 0.5 (eps^2 - z^2) + log scale.
-            gaussian = self._gaussian(X, C)[0].base_dist
-            eps = torch.randn_like(gaussian.loc)
-            z = gaussian.loc + gaussian.scale * eps
-            latent = (0.5 * (eps.square() - z.square()) + gaussian.scale.log()).sum(-1)
-        return -(size / X.shape[0]) * (self.decode(z, C).log_prob(X) + latent_scale * latent).sum()
+            loc, log_scale, _ = self._encoded(X, C)
+            eps = torch.randn_like(loc)
+            z = loc + log_scale.exp() * eps
+            latent = (0.5 * (eps.square() - z.square()) + log_scale).sum()
+        if self.likelihood == "bernoulli" and not self.autoregressive:
+            # Bernoulli(logits).log_prob is this same call with reduction="none"; summing inside it skips
+            # the distribution objects and the (B, D) intermediate, the largest cost of this step.
+            log_lik = -nn.functional.binary_cross_entropy_with_logits(
+                _batched(self.decoder, self._decoder_input(z, C), 1), X, reduction="sum")
+        else:
+            log_lik = self.decode(z, C).log_prob(X).sum()
+        if latent_scale != 1.0:
+            latent = latent_scale * latent
+        return -(size / X.shape[0]) * (log_lik + latent)
 
     def monitor(self, kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Posterior-collapse monitors on ``kwargs`` (:meth:`prepare`'s output), which the SVI engine
