@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,19 +41,27 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
+@functools.cache
 def monitored_rows(size: int) -> torch.Tensor:
-    """Indices of at most ``MONITOR_POINTS`` evenly spaced points of ``size``."""
+    """Indices of at most ``MONITOR_POINTS`` evenly spaced points of ``size`` (cached: the monitors
+    ask for the same rows after every epoch; do not modify the returned tensor)."""
     return torch.linspace(0, size - 1, min(size, MONITOR_POINTS)).round().long().unique()
 
 
-def _kl_per_dim(q: dist.Normal) -> torch.Tensor:
-    """KL(q(z_l | x) || N(0, 1)) per dimension, averaged over the points of q's batch."""
-    return (0.5 * (q.scale ** 2 + q.loc ** 2 - 1) - q.scale.log()).mean(0)
+def _kl_per_dim(loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """KL(N(loc, exp(log_scale)) || N(0, 1)) per dimension, averaged over the points (the first dimension)."""
+    return (0.5 * ((2 * log_scale).exp() + loc.square() - 1) - log_scale).mean(0)
 
 
-def _active_units(q: dist.Normal, threshold: float) -> torch.Tensor:
+def _active_units(loc: torch.Tensor, threshold: float) -> torch.Tensor:
     """How many dimensions have Var_x(E_q[z_l | x]) > threshold (a 0-d tensor)."""
-    return (q.loc.var(0) > threshold).sum()
+    return (loc.var(0) > threshold).sum()
+
+
+def collapse_monitors(loc: torch.Tensor, log_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-epoch monitors ``kl_per_dim`` and ``active_units`` of the Gaussian q(z | x) with these
+    parameters, ``(points, latent_dim)`` each (the distribution objects are skipped: this runs every epoch)."""
+    return {"kl_per_dim": _kl_per_dim(loc, log_scale), "active_units": _active_units(loc, ACTIVE_THRESHOLD)}
 
 
 def _batched(net: nn.Module, x: torch.Tensor, event_rank: int) -> torch.Tensor:
@@ -570,29 +579,30 @@ class VAE(LatentModel):
             return {}
         rows = monitored_rows(kwargs["X"].shape[0])
         C = kwargs.get("C")
-        q = self.encode(kwargs["X"][rows], None if C is None else C[rows]).base_dist
-        return {"kl_per_dim": _kl_per_dim(q), "active_units": _active_units(q, ACTIVE_THRESHOLD)}
+        loc, log_scale, _ = self._encoded(kwargs["X"][rows], None if C is None else C[rows])
+        return collapse_monitors(loc, log_scale)
 
-    def _gaussian_only(self, name: str, data: Any) -> dist.Normal:
+    def _gaussian_only(self, name: str, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loc and log scale of q(z | x) on the data (Gaussian guide only)."""
         if self.flows:
             raise ConfigError(f"{name}: defined for the Gaussian guide; with guide='iaf' q(z | x) does not "
                               "factorise over latent dimensions.")
-        return self.encode(*self._split(data)).base_dist
+        return self._encoded(*self._split(data))[:2]
 
     @torch.no_grad()
     def kl_per_dim(self, data: Any) -> torch.Tensor:
         """KL(q(z_l | x) || N(0, 1)) per latent dimension l, averaged over data points,
         ``(latent_dim,)``; the sum is the ELBO's KL term per data point."""
-        return _kl_per_dim(self._gaussian_only("kl_per_dim", data))
+        return _kl_per_dim(*self._gaussian_only("kl_per_dim", data))
 
     @torch.no_grad()
     def active_units(self, data: Any, threshold: float = ACTIVE_THRESHOLD) -> int:
         """Number of latent dimensions whose posterior mean varies with x: Var_x(E_q[z_l | x]) >
         ``threshold`` (Burda et al. 2016 use 0.01). Collapsed dimensions are inactive."""
-        q = self._gaussian_only("active_units", data)
-        if q.loc.shape[0] < 2:
+        loc, _ = self._gaussian_only("active_units", data)
+        if loc.shape[0] < 2:
             raise DataError("data: active units need at least two data points.")
-        return int(_active_units(q, threshold))
+        return int(_active_units(loc, threshold))
 
 
 class ConditionalVAE(VAE):
