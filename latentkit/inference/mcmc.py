@@ -113,8 +113,11 @@ class MCMCEngine:
             potential = Potential(target, batched)
             z0 = self._initial_points(target, model, potential, seed)
             batched.check_vectorization(potential.constrain(z0)[0])
-            if opts.jit:
-                potential.compile(z0, "inductor" if opts.jit == "inductor" else "torchscript")
+            backend = ("inductor" if opts.jit == "inductor" else "torchscript") if opts.jit else False
+            # NUTS compiles its whole leapfrog step, potential included (run_chains' jit); static
+            # HMC's transition loops in Python over its steps, so only the potential is compiled.
+            if backend and self.name == "hmc":
+                potential.compile(z0, backend)
             generator = torch.Generator(device=z0.device).manual_seed(seed)
             chains = run_chains(
                 potential, z0, algorithm=self.name, num_warmup=opts.num_warmup,
@@ -122,6 +125,7 @@ class MCMCEngine:
                 max_tree_depth=opts.max_tree_depth, num_steps=opts.num_steps,
                 trajectory_length=opts.trajectory_length, dense_mass=opts.dense_mass,
                 generator=generator, progress=progress, should_stop=should_stop,
+                jit=backend if self.name == "nuts" else False,
             )
             C, S, D = chains.samples.shape
             with torch.no_grad():
@@ -136,8 +140,7 @@ class MCMCEngine:
                 "seed": seed,
                 "versions": versions(),
                 "vectorized": bool(batched.vectorized),
-                "jit": (("inductor" if opts.jit == "inductor" else "torchscript")
-                        if potential.compiled is not None else False),
+                "jit": chains.compiled or (backend if potential.compiled is not None else False),
             }
             return complete_result(target, batched, samples, model=model, sample_stats=stats,
                                    config=config, seed=seed)

@@ -10,6 +10,7 @@ import torch
 
 import latentkit as lk
 from latentkit.errors import ConfigError
+from latentkit.inference.kernels import chains as chains_module
 from latentkit.inference.potential import Potential
 from latentkit.inference.target import bind
 from latentkit.inference.vectorize import BatchedModel
@@ -65,7 +66,7 @@ def branchy(y):
 def test_value_dependent_control_flow_falls_back_to_eager():
     potential, z = _potential(branchy, {"y": torch.tensor(0.5)}, vectorized=True)
     z = z.abs() + 1.0  # traced where every mu > 0
-    with pytest.warns(UserWarning, match="jit: (tracing the potential failed|the traced potential differs)"):
+    with pytest.warns(UserWarning, match="jit: (tracing the potential failed|the traced version of the potential differs)"):
         assert not potential.compile(z)
     assert potential.compiled is None
     value, _ = potential(-z)
@@ -124,11 +125,19 @@ def test_a_failed_inductor_compile_falls_back_to_eager(monkeypatch):
 
 
 def test_the_jit_option_picks_the_compiler(monkeypatch):
+    # NUTS compiles its whole leapfrog step (run_chains), static HMC the potential alone.
     backends = []
-    monkeypatch.setattr(Potential, "compile", lambda self, z, backend="torchscript": backends.append(backend))
-    kwargs = dict(engine="nuts", num_warmup=5, num_samples=5, num_chains=2, seed=0, progress=False)
+
+    def record(fn, example, *, backend, **options):
+        backends.append(backend)  # and fail: the fit runs eagerly
+
+    monkeypatch.setattr(chains_module, "compile_function", record)
+    monkeypatch.setattr(Potential, "compile", lambda self, z, backend="torchscript": backends.append(("hmc", backend)))
+    kwargs = dict(num_warmup=5, num_samples=5, num_chains=2, seed=0, progress=False)
     for jit in (True, "inductor", False):
-        lk.fit(eight_schools, SCHOOLS, jit=jit, **kwargs)
-    assert backends == ["torchscript", "inductor"]
+        result = lk.fit(eight_schools, SCHOOLS, engine="nuts", jit=jit, **kwargs)
+        assert result.config["jit"] is False
+    lk.fit(eight_schools, SCHOOLS, engine="hmc", jit="inductor", **kwargs)
+    assert backends == ["torchscript", "inductor", ("hmc", "inductor")]
     with pytest.raises(ConfigError, match="jit: must be one of"):
         lk.fit(eight_schools, SCHOOLS, jit="inducto", **kwargs)

@@ -67,7 +67,7 @@ class DualAveragingState(NamedTuple):
     log_step_size: Tensor
     log_step_size_avg: Tensor
     gradient_avg: Tensor
-    iteration: int
+    iteration: Tensor
     prox_center: Tensor
 
 
@@ -85,7 +85,7 @@ def dual_averaging_init(step_size: Tensor) -> DualAveragingState:
     # log(10) + log(eps) rather than log(10 * eps), which overflows for huge eps (NumPyro).
     prox_center = math.log(10.0) + step_size.log()
     zeros = torch.zeros_like(step_size)
-    return DualAveragingState(step_size.log(), zeros, zeros, 0, prox_center)
+    return DualAveragingState(step_size.log(), zeros, zeros, zeros, prox_center)
 
 
 def dual_averaging_update(
@@ -115,7 +115,7 @@ def dual_averaging_update(
     iteration = state.iteration + 1
     weight = 1.0 / (iteration + DUAL_AVERAGING_T0)
     gradient_avg = (1.0 - weight) * state.gradient_avg + weight * (target_accept - acceptance_rate)
-    log_step_size = state.prox_center - math.sqrt(iteration) / DUAL_AVERAGING_GAMMA * gradient_avg
+    log_step_size = state.prox_center - iteration.sqrt() / DUAL_AVERAGING_GAMMA * gradient_avg
     avg_weight = iteration**-DUAL_AVERAGING_KAPPA
     log_step_size_avg = (1.0 - avg_weight) * state.log_step_size_avg + avg_weight * log_step_size
     return DualAveragingState(
@@ -129,7 +129,7 @@ class WelfordState(NamedTuple):
     Attributes:
         mean: the running mean.
         m2: the running sum of squared deviations (diagonal) or of outer products (dense).
-        count: the number of samples seen.
+        count: the number of samples seen by each chain.
 
     Shapes:
         ``mean``: ``(C, D)``; ``m2``: ``(C, D)`` or ``(C, D, D)``.
@@ -137,7 +137,7 @@ class WelfordState(NamedTuple):
 
     mean: Tensor
     m2: Tensor
-    count: int
+    count: Tensor
 
 
 def welford_init(position: Tensor, *, dense: bool) -> WelfordState:
@@ -152,7 +152,7 @@ def welford_init(position: Tensor, *, dense: bool) -> WelfordState:
     """
     mean = torch.zeros_like(position)
     m2 = torch.diag_embed(mean) if dense else torch.zeros_like(position)
-    return WelfordState(mean, m2, 0)
+    return WelfordState(mean, m2, torch.zeros_like(position[:, 0]))
 
 
 def welford_update(state: WelfordState, sample: Tensor) -> WelfordState:
@@ -170,7 +170,7 @@ def welford_update(state: WelfordState, sample: Tensor) -> WelfordState:
     """
     count = state.count + 1
     delta_before = sample - state.mean
-    mean = state.mean + delta_before / count
+    mean = state.mean + delta_before / count.unsqueeze(-1)
     delta_after = sample - mean
     if state.m2.dim() == 2:
         m2 = state.m2 + delta_before * delta_after
@@ -199,7 +199,7 @@ def welford_covariance(state: WelfordState, *, regularize: bool = True) -> Tenso
         >>> welford_covariance(state)  # (2 / 7) * 2 + 1e-3 * 5 / 7
         tensor([[0.5721]])
     """
-    count = state.count
+    count = state.count.reshape(state.count.shape + (1,) * (state.m2.dim() - 1))
     covariance = state.m2 / (count - 1)
     if covariance.dim() == 3:
         covariance = 0.5 * (covariance + covariance.mT)

@@ -1,4 +1,4 @@
-"""Run vectorised HMC or NUTS chains: Stan-style warm-up, then sampling."""
+"""Run vectorised HMC or NUTS chains: Stan-style warm-up, then sampling, each chain at its own pace."""
 
 import math
 from collections.abc import Callable
@@ -6,11 +6,14 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from latentkit.errors import ConfigError
 from latentkit.inference.kernels import hmc, nuts
 from latentkit.inference.kernels.adaptation import (
+    DualAveragingState,
+    WelfordState,
     build_adaptation_schedule,
     dual_averaging_init,
     dual_averaging_update,
@@ -19,8 +22,9 @@ from latentkit.inference.kernels.adaptation import (
     welford_init,
     welford_update,
 )
+from latentkit.inference.kernels.compile import Backend, TensorPacking, compile_function
 from latentkit.inference.kernels.metrics import Metric, identity_metric, metric_from_inverse_mass
-from latentkit.inference.kernels.state import HMCState, Info, PotentialAndGrad, init
+from latentkit.inference.kernels.state import HMCState, Info, PotentialAndGrad, init, select_where
 
 __all__ = ["Chains", "run_chains"]
 
@@ -30,6 +34,9 @@ STAT_NAMES = ("lp", "acceptance_rate", "step_size", "n_steps", "tree_depth", "di
 DEFAULT_TRAJECTORY_LENGTH = 2 * math.pi
 # Statistics that are not in the dtype of the positions.
 STAT_DTYPES = {"n_steps": torch.int64, "tree_depth": torch.int64, "diverging": torch.bool}
+# Distances from the initial positions (in unconstrained units) of the points where a compiled
+# NUTS step must reproduce the eager one.
+COMPILE_CHECK_SCALES = (0.0, 0.1, 1.0, 3.0)
 
 
 class Chains(NamedTuple):
@@ -42,6 +49,7 @@ class Chains(NamedTuple):
             ``diverging`` and ``energy``; see :class:`~latentkit.inference.kernels.state.Info`.
         step_size: the adapted step size of each chain.
         inverse_mass_matrix: the adapted inverse mass matrix of each chain.
+        compiled: the backend that compiled the NUTS step, False if it ran eagerly.
 
     Shapes:
         ``samples``: ``(chain, draw, D)``; each stat ``(chain, draw)``; ``step_size``:
@@ -52,6 +60,7 @@ class Chains(NamedTuple):
     stats: dict[str, Tensor]
     step_size: Tensor
     inverse_mass_matrix: Tensor
+    compiled: Backend | Literal[False] = False
 
 
 def run_chains(
@@ -71,16 +80,22 @@ def run_chains(
     dense_mass: bool = False,
     generator: torch.Generator,
     progress: bool = False,
-    callback: Callable[[int, Info], None] | None = None,
     should_stop: Callable[[int], bool] | None = None,
+    jit: Backend | Literal[False] = False,
 ) -> Chains:
-    """Warm up and run ``C`` chains of NUTS or static HMC in lock-step.
+    """Warm up and run ``C`` chains of NUTS or static HMC, each at its own pace.
 
     Warm-up follows Stan: dual averaging of each chain's step size towards ``target_accept``
     in every warm-up iteration, and a diagonal or dense inverse mass matrix per chain estimated
     in doubling windows (see
     :func:`~latentkit.inference.kernels.adaptation.build_adaptation_schedule`), each window
     followed by a new step-size guess. Warm-up draws are discarded.
+
+    Chains do not wait for each other: NUTS advances every chain by one leapfrog step per call
+    (:func:`~latentkit.inference.kernels.nuts.advance`), and each chain adapts, records its draw
+    and starts its next transition when its own transition ends; the run stops when the slowest
+    chain has made ``num_warmup + num_samples`` transitions. Static HMC makes one transition of
+    every chain per call.
 
     Args:
         potential_and_grad: the batched potential (negative log density) and its gradient.
@@ -106,14 +121,17 @@ def run_chains(
         generator: the source of all randomness, on the device of ``init_position``; the same
             seed gives bit-identical results on the same device.
         progress: whether to show a progress bar.
-        callback: called as ``callback(iteration, info)`` after each warm-up and sampling
-            iteration, iterations counted from 0 across both.
-        should_stop: asked as ``should_stop(iteration)`` after each iteration (counted as for
-            ``callback``); when it returns True the run ends there and the draws completed so
-            far are returned (none when it stops during warm-up).
+        should_stop: asked as ``should_stop(iteration)`` whenever every chain has completed
+            iteration ``iteration`` (counted from 0 across warm-up and sampling); when it returns
+            True the run ends there and the draws every chain completed are returned (none when
+            it stops during warm-up).
+        jit: compile the NUTS step, potential included, into one graph with this backend
+            (see :func:`~latentkit.inference.kernels.compile.compile_function`; the potential
+            must then be traceable Python, not itself compiled); False runs it eagerly.
 
     Returns:
-        The draws, their statistics and the adapted step size and inverse mass matrix.
+        The draws, their statistics, the adapted step size and inverse mass matrix, and the
+        backend that compiled the step.
 
     Raises:
         ConfigError: for an option value out of range or a wrong combination of options.
@@ -141,7 +159,7 @@ def run_chains(
         trajectory_length,
         step_size,
     )
-    num_chains = init_position.shape[0]
+    num_chains, dim = init_position.shape
     dtype, device = init_position.dtype, init_position.device
     init_position = init_position.detach()
     state = init(init_position, potential_and_grad)
@@ -149,32 +167,12 @@ def run_chains(
     step_sizes = torch.full(
         (num_chains,), 1.0 if step_size is None else step_size, dtype=dtype, device=device
     )
-    max_num_steps = 2**max_tree_depth - 1
-    integration_time = DEFAULT_TRAJECTORY_LENGTH if trajectory_length is None else trajectory_length
     finfo = torch.finfo(dtype)
-
-    def transition(state: HMCState, metric: Metric, step_sizes: Tensor) -> tuple[HMCState, Info]:
-        if algorithm == "nuts":
-            return nuts.step(
-                generator,
-                state,
-                potential_and_grad=potential_and_grad,
-                metric=metric,
-                step_size=step_sizes,
-                max_tree_depth=max_tree_depth,
-            )
-        if num_steps is not None:
-            steps: int | Tensor = num_steps
-        else:
-            steps = (integration_time / step_sizes).floor().clamp(1, max_num_steps).long()
-        return hmc.step(
-            generator,
-            state,
-            potential_and_grad=potential_and_grad,
-            metric=metric,
-            step_size=step_sizes,
-            num_steps=steps,
-        )
+    total = num_warmup + num_samples
+    advance, compiled = _transition_function(
+        potential_and_grad, state, metric, step_sizes, generator, algorithm=algorithm,
+        max_tree_depth=max_tree_depth, num_steps=num_steps, trajectory_length=trajectory_length, jit=jit,
+    )
 
     def reasonable_step_size(state: HMCState, metric: Metric, step_sizes: Tensor) -> Tensor:
         return find_reasonable_step_size(
@@ -185,66 +183,169 @@ def run_chains(
             step_size=step_sizes,
         )
 
-    with tqdm(total=num_warmup + num_samples, disable=None if progress else True, desc="warmup") as bar:
-        if adapt_step_size and num_warmup > 0:
-            step_sizes = reasonable_step_size(state, metric, step_sizes)
-        dual_averaging = dual_averaging_init(step_sizes)
-        schedule = build_adaptation_schedule(num_warmup)
-        slow_windows = schedule[1:-1] if adapt_mass_matrix else []
-        welford = welford_init(init_position, dense=dense_mass)
-        for iteration in range(num_warmup):
-            state, info = transition(state, metric, step_sizes)
-            if adapt_step_size:
-                dual_averaging = dual_averaging_update(
-                    dual_averaging, info.acceptance_rate, target_accept
-                )
-                log_step_size = (
-                    dual_averaging.log_step_size_avg
-                    if iteration == num_warmup - 1
-                    else dual_averaging.log_step_size
-                )
-                step_sizes = log_step_size.exp().clamp(finfo.tiny, finfo.max)
-            window = next((w for w in slow_windows if w.start <= iteration <= w.end), None)
-            if window is not None:
-                welford = welford_update(welford, state.position)
-                if iteration == window.end:
-                    metric = metric_from_inverse_mass(welford_covariance(welford))
-                    welford = welford_init(init_position, dense=dense_mass)
-                    if adapt_step_size:
-                        step_sizes = reasonable_step_size(state, metric, step_sizes)
-                        dual_averaging = dual_averaging_init(step_sizes)
-            if callback is not None:
-                callback(iteration, info)
-            bar.update()
-            if should_stop is not None and should_stop(iteration):
-                num_samples = 0
-                break
-
-        bar.set_description("sample")
-        samples = torch.empty(
-            num_chains, num_samples, init_position.shape[1], dtype=dtype, device=device
-        )
-        stats = {
-            name: torch.empty(
-                num_chains, num_samples, dtype=STAT_DTYPES.get(name, dtype), device=device
+    def adapt(
+        warm: Tensor, iteration: Tensor, state: HMCState, info: Info, step_sizes: Tensor,
+        dual_averaging: DualAveragingState, welford: WelfordState, metric: Metric,
+    ) -> tuple[Tensor, DualAveragingState, WelfordState, Metric]:
+        """Warm-up adaptation of the chains ``warm`` that just ended warm-up transition ``iteration``."""
+        if adapt_step_size:
+            updated = dual_averaging_update(dual_averaging, info.acceptance_rate, target_accept)
+            dual_averaging = select_where(warm, updated, dual_averaging)
+            log_step_size = torch.where(
+                iteration == num_warmup - 1, updated.log_step_size_avg, updated.log_step_size
             )
-            for name in STAT_NAMES
-        }
-        for draw in range(num_samples):
-            state, info = transition(state, metric, step_sizes)
-            samples[:, draw] = state.position
-            stats["lp"][:, draw] = -state.potential_energy
-            stats["step_size"][:, draw] = step_sizes
-            for name, value in info._asdict().items():
-                stats[name][:, draw] = value
-            if callback is not None:
-                callback(num_warmup + draw, info)
-            bar.update()
-            if should_stop is not None and should_stop(num_warmup + draw) and draw + 1 < num_samples:
-                samples = samples[:, : draw + 1]
-                stats = {name: value[:, : draw + 1] for name, value in stats.items()}
-                break
-    return Chains(samples, stats, step_sizes, metric.inverse_mass_matrix)
+            step_sizes = torch.where(warm, log_step_size.exp().clamp(finfo.tiny, finfo.max), step_sizes)
+        if not adapt_mass_matrix:
+            return step_sizes, dual_averaging, welford, metric
+        at = iteration.clamp(max=num_warmup - 1)
+        windowed = warm & in_window[at]
+        welford = select_where(windowed, welford_update(welford, state.position), welford)
+        closing = windowed & window_end[at]
+        if bool(closing.any()):
+            metric = select_where(closing, metric_from_inverse_mass(welford_covariance(welford)), metric)
+            welford = select_where(closing, welford_init(init_position, dense=dense_mass), welford)
+            if adapt_step_size:
+                step_sizes = torch.where(closing, reasonable_step_size(state, metric, step_sizes), step_sizes)
+                dual_averaging = select_where(closing, dual_averaging_init(step_sizes), dual_averaging)
+        return step_sizes, dual_averaging, welford, metric
+
+    if adapt_step_size and num_warmup > 0:
+        step_sizes = reasonable_step_size(state, metric, step_sizes)
+    dual_averaging = dual_averaging_init(step_sizes)
+    # Per warm-up iteration: whether it lies in a slow window (mass-matrix estimation), whether
+    # it ends one. Each chain looks up its own iteration.
+    in_window = torch.zeros(max(num_warmup, 1), dtype=torch.bool, device=device)
+    window_end = torch.zeros_like(in_window)
+    if adapt_mass_matrix:
+        for window in build_adaptation_schedule(num_warmup)[1:-1]:
+            in_window[window.start : window.end + 1] = True
+            window_end[window.end] = True
+    welford = welford_init(init_position, dense=dense_mass)
+    samples = torch.empty(num_chains, num_samples, dim, dtype=dtype, device=device)
+    stats = {
+        name: torch.empty(num_chains, num_samples, dtype=STAT_DTYPES.get(name, dtype), device=device)
+        for name in STAT_NAMES
+    }
+    # Transitions each chain has completed; chains run on until the slowest has done ``total``.
+    # ``completed`` and ``furthest`` (slowest and fastest chain) let the loop skip adaptation
+    # once every chain samples and recording while every chain warms up.
+    iteration = torch.zeros(num_chains, dtype=torch.int64, device=device)
+    completed = furthest = 0
+    with tqdm(total=total, disable=None if progress else True, desc="warmup") as bar:
+        while completed < total:
+            state, ends, info = advance(state, metric, step_sizes)
+            # On CPU this check costs no device synchronisation; it skips the bookkeeping below
+            # for the steps (most of them, with NUTS) that end no chain's transition.
+            if not bool(ends.any()):
+                continue
+            done = ends & (iteration < total)
+            if completed < num_warmup:
+                step_sizes, dual_averaging, welford, metric = adapt(
+                    done & (iteration < num_warmup), iteration, state, info, step_sizes, dual_averaging, welford,
+                    metric,
+                )
+            if furthest >= num_warmup:
+                kept = done & (iteration >= num_warmup)
+                chains = kept.nonzero().squeeze(-1)
+                draws = iteration[chains] - num_warmup
+                samples[chains, draws] = state.position[chains]
+                stats["lp"][chains, draws] = -state.potential_energy[chains]
+                stats["step_size"][chains, draws] = step_sizes[chains]
+                for name, value in info._asdict().items():
+                    stats[name][chains, draws] = value[chains]
+            iteration = iteration + done
+            now, furthest = (int(value) for value in iteration.aminmax())
+            if now > completed:
+                bar.update(now - completed)
+                if completed < num_warmup <= now:
+                    bar.set_description("sample")
+                stopping = should_stop is not None and should_stop(now - 1)
+                completed = now
+                if stopping and completed < total:
+                    break
+    kept_draws = max(completed - num_warmup, 0)
+    if kept_draws < num_samples:
+        samples = samples[:, :kept_draws]
+        stats = {name: value[:, :kept_draws] for name, value in stats.items()}
+    return Chains(samples, stats, step_sizes, metric.inverse_mass_matrix, compiled)
+
+
+Advance = Callable[[HMCState, Metric, Tensor], tuple[HMCState, Tensor, Info]]
+
+
+def _transition_function(
+    potential_and_grad: PotentialAndGrad,
+    state: HMCState,
+    metric: Metric,
+    step_sizes: Tensor,
+    generator: torch.Generator,
+    *,
+    algorithm: Literal["nuts", "hmc"],
+    max_tree_depth: int,
+    num_steps: int | None,
+    trajectory_length: float | None,
+    jit: Backend | Literal[False],
+) -> tuple[Advance, Backend | Literal[False]]:
+    """``advance(state, metric, step_sizes) -> (state, ends, info)``: the unit of work of the run,
+    after which ``ends`` says which chains ended a transition (``info`` holds its statistics).
+
+    For NUTS one leapfrog step of every chain (:func:`~latentkit.inference.kernels.nuts.advance`),
+    compiled with ``jit`` into one graph, potential included; for static HMC one transition of
+    every chain. Also returns the backend that compiled the step (False: eager).
+    """
+    if algorithm == "hmc":
+        max_num_steps = 2**max_tree_depth - 1
+        integration_time = DEFAULT_TRAJECTORY_LENGTH if trajectory_length is None else trajectory_length
+
+        def hmc_transition(state: HMCState, metric: Metric, step_sizes: Tensor) -> tuple[HMCState, Tensor, Info]:
+            steps = num_steps if num_steps is not None else (
+                (integration_time / step_sizes).floor().clamp(1, max_num_steps).long())
+            state, info = hmc.step(generator, state, potential_and_grad=potential_and_grad, metric=metric,
+                                   step_size=step_sizes, num_steps=steps)
+            return state, torch.ones_like(info.diverging), info
+
+        return hmc_transition, False
+
+    # The leaf takes and returns the tree as a few stacked tensors (TensorPacking), so that the
+    # run loop does no per-field work and a compiled leaf has few inputs and outputs; the
+    # unpacking and packing inside are recorded into the graph.
+    tree, metric_spec = nuts.start_tree(state, max_tree_depth), pytree.tree_flatten(metric)[1]
+    flat_tree, tree_spec = pytree.tree_flatten(tree)
+    packing = TensorPacking(flat_tree)
+    size = len(packing.groups)
+
+    def leaf(*inputs: Tensor) -> tuple[Tensor, ...]:
+        tree = pytree.tree_unflatten(packing.unpack(inputs[:size]), tree_spec)
+        metric = pytree.tree_unflatten(list(inputs[size:-3]), metric_spec)
+        step_sizes, noise, uniforms = inputs[-3:]
+        tree, ends, info = nuts.advance(tree, potential_and_grad=potential_and_grad, metric=metric,
+                                        step_size=step_sizes, noise=noise, uniforms=uniforms,
+                                        max_tree_depth=max_tree_depth)
+        return (*packing.pack(pytree.tree_flatten(tree)[0]), ends, *tree.state, *info)
+
+    if jit:
+        # Check the compiled leaf where the chains start and at points around them.
+        probe_generator = torch.Generator(device=state.position.device).manual_seed(0)
+        probes = []
+        for scale in COMPILE_CHECK_SCALES:
+            moved = state.position + scale * torch.randn(
+                state.position.shape, generator=probe_generator, dtype=state.position.dtype,
+                device=state.position.device)
+            probe_tree = nuts.start_tree(init(moved, potential_and_grad), max_tree_depth)
+            probes.append((*packing.pack(pytree.tree_flatten(probe_tree)[0]), *metric, step_sizes,
+                           *nuts.draw_randomness(probe_generator, moved)))
+        compiled = compile_function(leaf, probes[0], probes=probes[1:], backend=jit, name="the NUTS step")
+        leaf, jit = (compiled, jit) if compiled is not None else (leaf, False)
+
+    packed_tree = packing.pack(flat_tree)
+
+    def nuts_leaf(state: HMCState, metric: Metric, step_sizes: Tensor) -> tuple[HMCState, Tensor, Info]:
+        nonlocal packed_tree
+        out = leaf(*packed_tree, *metric, step_sizes, *nuts.draw_randomness(generator, state.position))
+        packed_tree = out[:size]
+        return HMCState(*out[size + 1 : size + 4]), out[size], Info(*out[size + 4 :])
+
+    return nuts_leaf, jit
 
 
 def _check_options(

@@ -9,10 +9,10 @@ import math
 import torch
 from torch import Tensor
 
-from latentkit.inference.kernels.integrators import IntegratorState, leapfrog, select_state
+from latentkit.inference.kernels.integrators import IntegratorState, leapfrog
 from latentkit.inference.kernels.metrics import Metric, kinetic_energy, sample_momentum, velocity
 from latentkit.inference.kernels.nuts import MAX_DELTA_ENERGY
-from latentkit.inference.kernels.state import HMCState, Info, PotentialAndGrad
+from latentkit.inference.kernels.state import HMCState, Info, PotentialAndGrad, select_where
 
 __all__ = ["step"]
 
@@ -84,7 +84,7 @@ def step(
     else:
         for index in range(int(num_steps.max())):
             new = leapfrog(potential_and_grad, metric, end, step_size)
-            end = select_state(index < num_steps, new, end)
+            end = select_where(index < num_steps, new, end)
         n_steps = num_steps
 
     final_energy = end.potential_energy + kinetic_energy(end.momentum, end.velocity)

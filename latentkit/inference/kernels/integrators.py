@@ -8,7 +8,7 @@ from torch import Tensor
 from latentkit.inference.kernels.metrics import Metric, velocity
 from latentkit.inference.kernels.state import PotentialAndGrad, evaluate_potential
 
-__all__ = ["IntegratorState", "leapfrog", "select_state"]
+__all__ = ["IntegratorState", "PhasePoint", "leapfrog"]
 
 
 class IntegratorState(NamedTuple):
@@ -32,8 +32,23 @@ class IntegratorState(NamedTuple):
     velocity: Tensor
 
 
+class PhasePoint(NamedTuple):
+    """What :func:`leapfrog` needs of a point: position ``z``, momentum ``r`` and ``dU/dz(z)``.
+
+    Shapes:
+        all fields ``(C, D)``.
+    """
+
+    position: Tensor
+    momentum: Tensor
+    potential_grad: Tensor
+
+
 def leapfrog(
-    potential_and_grad: PotentialAndGrad, metric: Metric, state: IntegratorState, step_size: Tensor
+    potential_and_grad: PotentialAndGrad,
+    metric: Metric,
+    state: IntegratorState | PhasePoint,
+    step_size: Tensor,
 ) -> IntegratorState:
     """One velocity Verlet step of ``dz/dt = M^{-1} r``, ``dr/dt = -dU/dz``.
 
@@ -72,25 +87,3 @@ def leapfrog(
         position, momentum, potential_energy, potential_grad, velocity(metric, momentum)
     )
 
-
-def select_state(mask: Tensor, new: IntegratorState, old: IntegratorState) -> IntegratorState:
-    """Per chain, ``new`` where ``mask`` holds, else ``old``: how finished chains are frozen.
-
-    Shapes:
-        ``mask``: ``(C,)`` ``bool``; states as in :class:`IntegratorState`.
-
-    Example:
-        >>> zero, one = torch.zeros(2, 1), torch.ones(2, 1)
-        >>> old = IntegratorState(zero, zero, torch.zeros(2), zero, zero)
-        >>> new = IntegratorState(one, one, torch.ones(2), one, one)
-        >>> select_state(torch.tensor([True, False]), new, old).potential_energy
-        tensor([1., 0.])
-    """
-    vector_mask = mask.unsqueeze(-1)
-    return IntegratorState(
-        torch.where(vector_mask, new.position, old.position),
-        torch.where(vector_mask, new.momentum, old.momentum),
-        torch.where(mask, new.potential_energy, old.potential_energy),
-        torch.where(vector_mask, new.potential_grad, old.potential_grad),
-        torch.where(vector_mask, new.velocity, old.velocity),
-    )

@@ -1,4 +1,4 @@
-"""The No-U-Turn Sampler, vectorised over chains that build their trees in lock-step.
+"""The No-U-Turn Sampler, vectorised over chains that each go at their own pace.
 
 Each transition draws a momentum, then doubles the trajectory in a random direction until the
 generalised no-U-turn criterion fails on the whole trajectory or on a subtree, a leapfrog step
@@ -11,11 +11,13 @@ does: the U-turn checks of all sub-subtrees that end at a leaf use checkpoints o
 and of the running momentum sum stored at earlier even-numbered leaves, so a subtree of
 ``2**d`` leaves keeps only ``d`` checkpoints.
 
-All chains take their leapfrog steps together. A chain whose tree is finished is frozen with
-masks; the loops stop when every chain is finished. The host synchronises once per doubling to
-stop the doubling loop and, inside a subtree, after leaves ``1, 2, 4, ...`` to stop early when
-all chains ended their subtree (on CPU, where a check costs no device synchronisation, after
-every leaf). Randomness is drawn per doubling, so where the loops stop never changes the draws.
+The unit of work is one leaf (:func:`advance`): every chain takes one leapfrog step per call and
+does whatever bookkeeping that step ends (a subtree, a transition), with masks instead of
+branches, so a call is one fixed graph of tensor operations that can be compiled whole. A chain
+whose transition ends starts its next one at the next call, so chains never wait for each
+other: over a run each does its own number of leapfrog steps, not the slowest chain's (NumPyro's
+vectorised chains, which build their trees in lock-step, wait; Radul et al. 2020 batch NUTS
+this way). :func:`step` makes one transition of every chain, for tests and single steps.
 
 Conventions (NumPyro's): ``tree_depth`` counts the doublings made, including a last subtree
 that was rejected because it turned or diverged, so ``1 <= tree_depth <= max_tree_depth`` and
@@ -26,19 +28,22 @@ merged subtrees that Stan added in 2.23.
 References:
     Hoffman & Gelman (2014), The No-U-Turn Sampler, JMLR 15.
     Betancourt (2017), A Conceptual Introduction to Hamiltonian Monte Carlo, arXiv:1701.02434.
+    Radul et al. (2020), Automatically Batching Control-Intensive Programs for Modern
+    Accelerators, MLSys.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from latentkit.inference.kernels.integrators import IntegratorState, leapfrog, select_state
+from latentkit.inference.kernels.integrators import PhasePoint, leapfrog
 from latentkit.inference.kernels.metrics import Metric, kinetic_energy, sample_momentum, velocity
-from latentkit.inference.kernels.state import HMCState, Info, PotentialAndGrad
+from latentkit.inference.kernels.state import HMCState, Info, PotentialAndGrad, select_where
 
-__all__ = ["MAX_DELTA_ENERGY", "is_turning", "step"]
+__all__ = ["MAX_DELTA_ENERGY", "Tree", "advance", "draw_randomness", "is_turning", "start_tree", "step"]
 
 # Energy error above which a trajectory is declared divergent (Stan's default max_deltaH).
 MAX_DELTA_ENERGY = 1000.0
@@ -91,17 +96,6 @@ class _Proposal(NamedTuple):
     energy: Tensor
 
 
-def _choose(mask: Tensor, new: _Proposal, old: _Proposal) -> _Proposal:
-    """Per chain, ``new`` where ``mask`` holds, else ``old``."""
-    vector_mask = mask.unsqueeze(-1)
-    return _Proposal(
-        torch.where(vector_mask, new.position, old.position),
-        torch.where(mask, new.potential_energy, old.potential_energy),
-        torch.where(vector_mask, new.potential_grad, old.potential_grad),
-        torch.where(mask, new.energy, old.energy),
-    )
-
-
 def _checkpoint_range(leaf: int) -> tuple[int, int]:
     """The checkpoints to test for U-turns when ``leaf`` closes one or more subtrees.
 
@@ -115,99 +109,220 @@ def _checkpoint_range(leaf: int) -> tuple[int, int]:
     return idx_max - num_subtrees + 1, idx_max
 
 
-class _Subtree(NamedTuple):
-    """A subtree of ``2**depth`` leaves built from one end of the trajectory.
+class Tree(NamedTuple):
+    """Every chain's NUTS transition in progress, between two leapfrog steps.
 
-    For chains that built it to the end without turning or diverging (the only ones that use
-    the first four fields): its outermost leaf, its proposal, the log of its summed weights
-    ``exp(H0 - H)`` and its momentum sum. The flags and the statistics count every chain's
-    leaves up to where it stopped.
-    """
+    A chain's transition builds a trajectory around ``start`` by doublings; the doubling in
+    progress builds a subtree of ``2**depth`` leaves one leaf per call of :func:`advance`,
+    from ``frontier`` in the direction ``going_right``. Chains are at different places in
+    their transitions; each starts its next transition as soon as one ends.
 
-    last: IntegratorState
-    proposal: _Proposal
-    log_weight: Tensor
-    momentum_sum: Tensor
-    turning: Tensor
-    diverging: Tensor
-    sum_accept: Tensor
-    n_steps: Tensor
-
-
-def _build_subtree(
-    potential_and_grad: PotentialAndGrad,
-    metric: Metric,
-    start: IntegratorState,
-    step_size: Tensor,
-    reference_energy: Tensor,
-    building: Tensor,
-    uniforms: Tensor,
-    checkpoints: Tensor,
-) -> _Subtree:
-    """Build a subtree of ``uniforms.shape[1] + 1`` leaves leaf by leaf, for all chains at once.
-
-    Chains not ``building`` and chains whose subtree turned or diverged are frozen. Leaf ``n``
-    closes the balanced sub-subtrees that end at it; each is checked for a U-turn from the
-    checkpointed momentum and momentum sum at its first leaf (NumPyro's
-    ``_iterative_build_subtree``).
+    Attributes:
+        state: the chain's current point, where its transition started.
+        begin: whether the next call starts a new transition (the last one ended).
+        left, right: the trajectory's two ends.
+        momentum_sum: the trajectory's summed momenta.
+        log_weight: the log of the trajectory's summed weights ``exp(H0 - H)``.
+        proposal: the trajectory's current proposal.
+        reference_energy: ``H0``, the energy at the start (``-inf`` if not finite).
+        depth: doublings made, the current one excluded.
+        sum_accept, n_steps, diverging: statistics over all leaves of the transition.
+        frontier: the subtree's outermost leaf.
+        going_right: the subtree's direction.
+        leaf: the index within the subtree of the next leaf.
+        sub_momentum_sum, sub_log_weight, sub_proposal: the subtree's own sums and proposal.
+        checkpoints: momentum, velocity and momentum sum at the first leaves of the subtree's
+            open sub-subtrees, for its U-turn checks (see :func:`_checkpoint_range`).
 
     Shapes:
-        ``step_size`` (signed by direction), ``reference_energy``, ``building``: ``(C,)``;
-        ``uniforms``: ``(C, num_leaves - 1)``; ``checkpoints``: ``(3, >= depth - 1, C, D)``.
+        per-chain scalars ``(C,)``; states and sums ``(C, D)``; ``checkpoints``
+        ``(3, max(max_tree_depth - 1, 1), C, D)``.
     """
-    # On CPU, checking whether any chain is still going costs no device synchronisation.
-    check_every_leaf = building.device.type == "cpu"
-    active = building
-    turning = torch.zeros_like(building)
-    diverging = torch.zeros_like(building)
-    sum_accept = torch.zeros_like(reference_energy)
-    n_steps = torch.zeros_like(building, dtype=torch.int64)
-    frontier = start
-    for leaf in range(uniforms.shape[1] + 1):
-        if leaf > 0 and (check_every_leaf or leaf & (leaf - 1) == 0):
-            if not bool(active.any()):
-                break
-        new = leapfrog(potential_and_grad, metric, frontier, step_size)
-        energy = new.potential_energy + kinetic_energy(new.momentum, new.velocity)
-        delta = (energy - reference_energy).nan_to_num(math.inf, posinf=math.inf)
-        leaf_proposal = _Proposal(new.position, new.potential_energy, new.potential_grad, energy)
-        if leaf == 0:
-            log_weight, momentum_sum, proposal = -delta, new.momentum, leaf_proposal
-        else:
-            # Uniform progressive sampling: the new leaf replaces the subtree's proposal with
-            # probability w_leaf / (w_subtree + w_leaf).
-            take = active & (uniforms[:, leaf - 1] < torch.sigmoid(-delta - log_weight))
-            proposal = _choose(take, leaf_proposal, proposal)
-            # Not masked: only chains active for the whole subtree use these sums.
-            log_weight = torch.logaddexp(log_weight, -delta)
-            momentum_sum = momentum_sum + new.momentum
-        sum_accept = sum_accept + torch.where(active, torch.exp(-delta).clamp(max=1.0), 0.0)
-        n_steps = n_steps + active
-        frontier = select_state(active, new, frontier)
 
-        leaf_diverging = delta > MAX_DELTA_ENERGY
-        low, high = _checkpoint_range(leaf)
-        if leaf % 2 == 0:
-            checkpoints[0, high] = new.momentum
-            checkpoints[1, high] = new.velocity
-            checkpoints[2, high] = momentum_sum
-            stop = leaf_diverging
-        else:
-            ckpt_momentum, ckpt_velocity, ckpt_sum = checkpoints[:, low : high + 1]
-            leaf_turning = is_turning(
-                ckpt_velocity,
-                new.velocity,
-                ckpt_momentum,
-                new.momentum,
-                momentum_sum - ckpt_sum + ckpt_momentum,
-            ).any(0)
-            turning = turning | (active & leaf_turning)
-            stop = leaf_diverging | leaf_turning
-        diverging = diverging | (active & leaf_diverging)
-        active = active & ~stop
-    return _Subtree(
-        frontier, proposal, log_weight, momentum_sum, turning, diverging, sum_accept, n_steps
+    state: HMCState
+    begin: Tensor
+    left: PhasePoint
+    right: PhasePoint
+    momentum_sum: Tensor
+    log_weight: Tensor
+    proposal: _Proposal
+    reference_energy: Tensor
+    depth: Tensor
+    sum_accept: Tensor
+    n_steps: Tensor
+    diverging: Tensor
+    frontier: PhasePoint
+    going_right: Tensor
+    leaf: Tensor
+    sub_momentum_sum: Tensor
+    sub_log_weight: Tensor
+    sub_proposal: _Proposal
+    checkpoints: Tensor
+
+
+def start_tree(state: HMCState, max_tree_depth: int) -> Tree:
+    """A tree whose chains all begin a transition from ``state`` at the next :func:`advance`.
+
+    Shapes:
+        ``state.position``: ``(C, D)``.
+    """
+    num_chains, dim = state.position.shape
+    scalar = torch.zeros_like(state.potential_energy)
+    vector = torch.zeros_like(state.position)
+    count = torch.zeros(num_chains, dtype=torch.int64, device=state.position.device)
+    flag = torch.zeros(num_chains, dtype=torch.bool, device=state.position.device)
+    point = PhasePoint(state.position, vector, state.potential_grad)
+    proposal = _Proposal(state.position, state.potential_energy, state.potential_grad, scalar)
+    checkpoints = vector.expand(3, max(max_tree_depth - 1, 1), num_chains, dim).clone()
+    return Tree(state, ~flag, point, point, vector, scalar, proposal, scalar, count, scalar, count, flag,
+                point, flag, count, vector, scalar, proposal, checkpoints)
+
+
+def draw_randomness(generator: torch.Generator, position: Tensor) -> tuple[Tensor, Tensor]:
+    """The random numbers one call of :func:`advance` may use: momentum noise ``(C, D)`` and
+    uniforms ``(C, 3)`` (direction of a new subtree, merging a subtree, sampling a leaf)."""
+    num_chains, dim = position.shape
+    options = {"generator": generator, "dtype": position.dtype, "device": position.device}
+    return torch.randn(num_chains, dim, **options), torch.rand(num_chains, 3, **options)
+
+
+@functools.cache
+def _leaf_tables(max_tree_depth: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per leaf index of the largest subtree: the checkpoint range ``low``, ``high`` (see
+    :func:`_checkpoint_range`), and the subtree sizes ``2**depth`` per depth."""
+    ranges = [_checkpoint_range(leaf) for leaf in range(2 ** (max_tree_depth - 1))]
+    low, high = (torch.tensor(column, dtype=torch.int64, device=device) for column in zip(*ranges, strict=True))
+    sizes = torch.tensor([2**depth for depth in range(max_tree_depth)], dtype=torch.int64, device=device)
+    return low, high, sizes
+
+
+def advance(
+    tree: Tree,
+    *,
+    potential_and_grad: PotentialAndGrad,
+    metric: Metric,
+    step_size: Tensor,
+    noise: Tensor,
+    uniforms: Tensor,
+    max_tree_depth: int,
+) -> tuple[Tree, Tensor, Info]:
+    """One leapfrog step of every chain's NUTS transition, with all the tree building it ends.
+
+    A chain that begins a transition draws its momentum from ``noise``; a chain that begins a
+    subtree picks its direction with ``uniforms[:, 0]``. Then every chain takes one leapfrog step
+    and adds the new leaf to its subtree (uniform progressive sampling with ``uniforms[:, 2]``,
+    U-turn checks of the sub-subtrees the leaf closes). A subtree that ends, complete or stopped
+    by a U-turn or a divergence, is merged into the trajectory (biased progressive sampling with
+    ``uniforms[:, 1]``), and the transition ends when the subtree was stopped, the trajectory
+    turns, or ``max_tree_depth`` doublings were made: the chain moves to the proposal.
+
+    Every operation is a tensor operation on all chains (branches are masks): one call is one
+    fixed graph, which :func:`~latentkit.inference.kernels.compile.compile_function` compiles.
+
+    Args:
+        tree: every chain's transition in progress (:func:`start_tree` for new ones).
+        potential_and_grad: the batched potential.
+        metric: the per-chain metric; a chain's metric and step size may change only between
+            its transitions.
+        step_size: the per-chain step size.
+        noise, uniforms: from :func:`draw_randomness`.
+        max_tree_depth: the most doublings per transition.
+
+    Returns:
+        The tree after the step, which chains ended a transition with it (their new point is
+        ``tree.state``), and those transitions' statistics (other rows are meaningless).
+
+    Shapes:
+        ``step_size``: ``(C,)``; see :class:`Tree`, :func:`draw_randomness` and :class:`Info`.
+    """
+    begin, state = tree.begin, tree.state
+    # Chains that begin a transition: a momentum, a trajectory of the one point ``state``.
+    momentum = sample_momentum(metric, noise)
+    start = PhasePoint(state.position, momentum, state.potential_grad)
+    initial_energy = state.potential_energy + kinetic_energy(momentum, velocity(metric, momentum))
+    left = select_where(begin, start, tree.left)
+    right = select_where(begin, start, tree.right)
+    momentum_sum = torch.where(begin.unsqueeze(-1), momentum, tree.momentum_sum)
+    log_weight = torch.where(begin, 0.0, tree.log_weight)
+    proposal = select_where(
+        begin, _Proposal(state.position, state.potential_energy, state.potential_grad, initial_energy),
+        tree.proposal,
     )
+    # A chain whose current energy is not finite cannot compare energies: with a reference of
+    # -inf every step it takes has an infinite energy error, i.e. diverges, and it stays put.
+    reference_energy = torch.where(
+        begin, torch.where(torch.isfinite(initial_energy), initial_energy, -math.inf), tree.reference_energy
+    )
+    depth = torch.where(begin, 0, tree.depth)
+    sum_accept = torch.where(begin, 0.0, tree.sum_accept)
+    n_steps = torch.where(begin, 0, tree.n_steps)
+    diverging = tree.diverging & ~begin
+
+    # Chains that begin a subtree: a direction, the trajectory's end in that direction.
+    first = tree.leaf == 0
+    going_right = torch.where(first, uniforms[:, 0] < 0.5, tree.going_right)
+    frontier = select_where(first, select_where(going_right, right, left), tree.frontier)
+    new = leapfrog(potential_and_grad, metric, frontier, torch.where(going_right, step_size, -step_size))
+    energy = new.potential_energy + kinetic_energy(new.momentum, new.velocity)
+    delta = (energy - reference_energy).nan_to_num(math.inf, posinf=math.inf)
+
+    # Uniform progressive sampling: the new leaf replaces the subtree's proposal with
+    # probability w_leaf / (w_subtree + w_leaf).
+    take_leaf = first | (uniforms[:, 2] < torch.sigmoid(-delta - tree.sub_log_weight))
+    sub_proposal = select_where(
+        take_leaf, _Proposal(new.position, new.potential_energy, new.potential_grad, energy), tree.sub_proposal
+    )
+    sub_log_weight = torch.where(first, -delta, torch.logaddexp(tree.sub_log_weight, -delta))
+    sub_momentum_sum = torch.where(first.unsqueeze(-1), new.momentum, tree.sub_momentum_sum + new.momentum)
+    sum_accept = sum_accept + torch.exp(-delta).clamp(max=1.0)
+    n_steps = n_steps + 1
+    leaf_diverging = delta > MAX_DELTA_ENERGY
+    diverging = diverging | leaf_diverging
+
+    # Odd leaves close balanced sub-subtrees: check each for a U-turn from the checkpoint at its
+    # first leaf. Even leaves store a checkpoint.
+    low_table, high_table, sizes = _leaf_tables(max_tree_depth, step_size.device)
+    low, high = low_table[tree.leaf], high_table[tree.leaf]
+    even = tree.leaf % 2 == 0
+    slots = torch.arange(tree.checkpoints.shape[1], device=step_size.device).unsqueeze(-1)
+    ckpt_momentum, ckpt_velocity, ckpt_sum = tree.checkpoints
+    closes = ~even & (slots >= low) & (slots <= high)
+    turns = is_turning(
+        ckpt_velocity, new.velocity, ckpt_momentum, new.momentum, sub_momentum_sum - ckpt_sum + ckpt_momentum
+    )
+    leaf_turning = (closes & turns).any(0)
+    stores = (even & (slots == high)).unsqueeze(-1)
+    checkpoints = torch.where(stores, torch.stack([new.momentum, new.velocity, sub_momentum_sum]).unsqueeze(1),
+                              tree.checkpoints)
+
+    # Biased progressive sampling when a subtree ends: move to it with probability
+    # min(1, w_subtree / w_old_trajectory), never to a subtree that turned or diverged.
+    stopped = leaf_diverging | leaf_turning
+    subtree_ends = stopped | (tree.leaf + 1 == sizes[depth])
+    valid = subtree_ends & ~stopped
+    take = valid & (uniforms[:, 1] < torch.exp(sub_log_weight - log_weight))
+    proposal = select_where(take, sub_proposal, proposal)
+    log_weight = torch.where(valid, torch.logaddexp(log_weight, sub_log_weight), log_weight)
+    point = PhasePoint(new.position, new.momentum, new.potential_grad)
+    left = select_where(valid & ~going_right, point, left)
+    right = select_where(valid & going_right, point, right)
+    momentum_sum = torch.where(valid.unsqueeze(-1), momentum_sum + sub_momentum_sum, momentum_sum)
+    turning = is_turning(velocity(metric, left.momentum), velocity(metric, right.momentum), left.momentum,
+                         right.momentum, momentum_sum)
+    depth = depth + subtree_ends
+    ends = subtree_ends & (stopped | turning | (depth >= max_tree_depth))
+
+    state = HMCState(
+        torch.where(ends.unsqueeze(-1), proposal.position, state.position),
+        torch.where(ends, proposal.potential_energy, state.potential_energy),
+        torch.where(ends.unsqueeze(-1), proposal.potential_grad, state.potential_grad),
+    )
+    tree = Tree(
+        state, ends, left, right, momentum_sum, log_weight, proposal, reference_energy, depth, sum_accept,
+        n_steps, diverging, point, going_right, torch.where(subtree_ends, 0, tree.leaf + 1), sub_momentum_sum,
+        sub_log_weight, sub_proposal, checkpoints,
+    )
+    return tree, ends, Info(sum_accept / n_steps, depth, n_steps, diverging, proposal.energy)
 
 
 def step(
@@ -219,10 +334,15 @@ def step(
     step_size: Tensor,
     max_tree_depth: int = 10,
 ) -> tuple[HMCState, Info]:
-    """One NUTS transition of every chain.
+    """One NUTS transition of every chain, by :func:`advance` until every chain ended one.
+
+    Chains that end first start their next transition meanwhile, which is discarded: long runs
+    use :func:`advance` directly (see :func:`~latentkit.inference.kernels.run_chains`), so that no
+    chain waits for another.
 
     Args:
-        generator: the source of all randomness, on the device of ``state``.
+        generator: the source of all randomness, on the device of ``state``; each call of
+            :func:`advance` takes :func:`draw_randomness`'s numbers.
         state: the current state of the chains.
         potential_and_grad: the batched potential.
         metric: the per-chain metric.
@@ -249,79 +369,17 @@ def step(
         >>> bool((info.n_steps <= 2**info.tree_depth - 1).all())
         True
     """
-    num_chains, dim = state.position.shape
-    dtype, device = state.position.dtype, state.position.device
-    momentum = sample_momentum(
-        metric, torch.randn(num_chains, dim, generator=generator, dtype=dtype, device=device)
-    )
-    start = IntegratorState(
-        state.position,
-        momentum,
-        state.potential_energy,
-        state.potential_grad,
-        velocity(metric, momentum),
-    )
-    initial_energy = state.potential_energy + kinetic_energy(momentum, start.velocity)
-    # A chain whose current energy is not finite cannot compare energies: with a reference of
-    # -inf every step it takes has an infinite energy error, i.e. diverges, and it stays put.
-    reference_energy = torch.where(torch.isfinite(initial_energy), initial_energy, -math.inf)
-
-    left = right = start
-    momentum_sum = momentum
-    log_weight = torch.zeros(num_chains, dtype=dtype, device=device)
-    proposal = _Proposal(
-        state.position, state.potential_energy, state.potential_grad, initial_energy
-    )
-    sum_accept = torch.zeros(num_chains, dtype=dtype, device=device)
-    n_steps = torch.zeros(num_chains, dtype=torch.int64, device=device)
-    tree_depth = torch.zeros(num_chains, dtype=torch.int64, device=device)
-    diverging = torch.zeros(num_chains, dtype=torch.bool, device=device)
-    building = torch.ones(num_chains, dtype=torch.bool, device=device)
-    # Checkpoints for the U-turn checks inside a subtree: a subtree of 2**d leaves uses d, and
-    # the largest subtree has d = max_tree_depth - 1.
-    checkpoints = torch.empty(
-        3, max(max_tree_depth - 1, 1), num_chains, dim, dtype=dtype, device=device
-    )
-
-    for depth in range(max_tree_depth):
-        if depth > 0 and not bool(building.any()):
-            break
-        # Column 0: direction; column 1: the top-level transition; columns 2...: leaves 1...
-        uniforms = torch.rand(
-            num_chains, 2**depth + 1, generator=generator, dtype=dtype, device=device
+    tree = start_tree(state, max_tree_depth)
+    ended = torch.zeros_like(tree.begin)
+    info = None
+    while not bool(ended.all()):
+        noise, uniforms = draw_randomness(generator, state.position)
+        tree, ends, leaf_info = advance(
+            tree, potential_and_grad=potential_and_grad, metric=metric, step_size=step_size, noise=noise,
+            uniforms=uniforms, max_tree_depth=max_tree_depth,
         )
-        going_right = uniforms[:, 0] < 0.5
-        subtree = _build_subtree(
-            potential_and_grad,
-            metric,
-            select_state(going_right, right, left),
-            torch.where(going_right, step_size, -step_size),
-            reference_energy,
-            building,
-            uniforms[:, 2:],
-            checkpoints,
-        )
-        sum_accept = sum_accept + subtree.sum_accept
-        n_steps = n_steps + subtree.n_steps
-        tree_depth = tree_depth + building
-        diverging = diverging | subtree.diverging
-
-        # Biased progressive sampling: move to the new subtree with probability
-        # min(1, w_subtree / w_old_trajectory), never to a subtree that turned or diverged.
-        valid = building & ~subtree.turning & ~subtree.diverging
-        take = valid & (uniforms[:, 1] < torch.exp(subtree.log_weight - log_weight))
-        proposal = _choose(take, subtree.proposal, proposal)
-        log_weight = torch.where(valid, torch.logaddexp(log_weight, subtree.log_weight), log_weight)
-        left = select_state(valid & ~going_right, subtree.last, left)
-        right = select_state(valid & going_right, subtree.last, right)
-        momentum_sum = torch.where(
-            valid.unsqueeze(-1), momentum_sum + subtree.momentum_sum, momentum_sum
-        )
-        turning = is_turning(
-            left.velocity, right.velocity, left.momentum, right.momentum, momentum_sum
-        )
-        building = valid & ~turning
-
-    position, potential_energy, potential_grad, energy = proposal
-    info = Info(sum_accept / n_steps, tree_depth, n_steps, diverging, energy)
-    return HMCState(position, potential_energy, potential_grad), info
+        first_end = ends & ~ended
+        state = select_where(first_end, tree.state, state)
+        info = leaf_info if info is None else select_where(first_end, leaf_info, info)
+        ended = ended | ends
+    return state, info

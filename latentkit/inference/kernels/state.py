@@ -5,12 +5,12 @@ space as a ``(C, D)`` tensor, one row per chain; all per-chain scalars are ``(C,
 """
 
 import math
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["HMCState", "Info", "PotentialAndGrad", "evaluate_potential", "init"]
+__all__ = ["HMCState", "Info", "PotentialAndGrad", "evaluate_potential", "init", "select_where"]
 
 
 class PotentialAndGrad(Protocol):
@@ -64,6 +64,35 @@ class Info(NamedTuple):
     n_steps: Tensor
     diverging: Tensor
     energy: Tensor
+
+
+States = TypeVar("States", bound=tuple[Tensor, ...])
+
+
+def select_where(mask: Tensor, new: States, old: States) -> States:
+    """Per chain, the fields of ``new`` where ``mask`` holds, else those of ``old``.
+
+    Works for any named tuple of per-chain tensors (:class:`HMCState`, :class:`Info`, ...): how
+    chains are frozen or moved one at a time while all compute together.
+
+    Shapes:
+        ``mask``: ``(C,)`` ``bool``; every field ``(C, ...)``.
+
+    Example:
+        >>> old = HMCState(torch.zeros(2, 1), torch.zeros(2), torch.zeros(2, 1))
+        >>> new = HMCState(torch.ones(2, 1), torch.ones(2), torch.ones(2, 1))
+        >>> select_where(torch.tensor([True, False]), new, old).potential_energy
+        tensor([1., 0.])
+    """
+    # One broadcastable mask per field rank, not per field: inside a compiled NUTS step every
+    # operation costs about as much as the arithmetic on these small tensors.
+    masks: dict[int, Tensor] = {}
+    selected = []
+    for a, b in zip(new, old, strict=True):
+        if a.dim() not in masks:
+            masks[a.dim()] = mask.reshape(mask.shape + (1,) * (a.dim() - 1))
+        selected.append(torch.where(masks[a.dim()], a, b))
+    return type(old)(*selected)
 
 
 def evaluate_potential(

@@ -193,8 +193,9 @@ def test_results_shapes_dtypes_and_lp():
         num_warmup=30,
         num_samples=20,
         generator=torch.Generator().manual_seed(0),
-        callback=lambda iteration, info: calls.append(iteration),
+        should_stop=lambda iteration: calls.append(iteration),
     )
+    # Asked once per iteration completed by every chain (chains go at their own pace).
     assert calls == list(range(50))
     assert chains.samples.shape == (3, 20, 2) and chains.samples.dtype == torch.float32
     assert set(chains.stats) == set(STAT_NAMES)

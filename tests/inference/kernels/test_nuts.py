@@ -224,8 +224,9 @@ def reference_tree_size(
 @pytest.mark.parametrize("dense", [False, True])
 def test_tree_building_matches_brute_force_reference(dense, banana):
     # One chain at a time, so that the direction of each doubling can be replayed from the
-    # generator: a momentum (randn), then per doubling d a (1, 2**d + 1) block of uniforms
-    # whose first column picks the direction.
+    # generator: each leapfrog step (call of nuts.advance) draws a (1, 2) noise and (1, 3)
+    # uniforms; the first noise is the momentum, and doubling d starts at step 2**d - 1, whose
+    # first uniform picks the direction.
     if dense:
         metric = metric_from_inverse_mass(torch.tensor([[[1.0, 0.3], [0.3, 0.5]]]))
     else:
@@ -245,11 +246,9 @@ def test_tree_building_matches_brute_force_reference(dense, banana):
             max_tree_depth=6,
         )
         replay = torch.Generator().manual_seed(seed)
-        momentum = sample_momentum(metric, torch.randn(1, 2, generator=replay, dtype=torch.float64))
-        directions = [
-            torch.rand(1, 2**d + 1, generator=replay, dtype=torch.float64)[0, 0] < 0.5
-            for d in range(6)
-        ]
+        draws_per_step = [nuts.draw_randomness(replay, position) for _ in range(2**6 - 1)]
+        momentum = sample_momentum(metric, draws_per_step[0][0])
+        directions = [draws_per_step[2**d - 1][1][0, 0] < 0.5 for d in range(6)]
         expected = reference_tree_size(banana, metric, position, momentum, step_size, directions, 6)
         actual = (int(info.tree_depth), int(info.n_steps), bool(info.diverging))
         assert actual == expected, f"case {seed}"
