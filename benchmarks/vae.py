@@ -149,14 +149,15 @@ def main(args: argparse.Namespace) -> None:
 
     if "b" in args.parts:  # held-out NLL, same epochs
         variants = {}
-        for name, kwargs in [("plain PyTorch VAE", None), ("latentkit MLP VAE", {}),
-                             ("VAE + IAF guide (2 flows)", {"guide": "iaf", "flow_depth": 2}),
-                             ("VAE + MADE decoder", {"decoder": MADE(64, hidden=(256,), context_dim=latent)})]:
+        # The arguments are built after seeding, so that the MADE's initial weights are reproducible.
+        for name, kwargs in [("plain PyTorch VAE", None), ("latentkit MLP VAE", dict),
+                             ("VAE + IAF guide (2 flows)", lambda: {"guide": "iaf", "flow_depth": 2}),
+                             ("VAE + MADE decoder", lambda: {"decoder": MADE(64, hidden=(256,), context_dim=latent)})]:
             if kwargs is None:
                 variants[name] = plain_pytorch(torch.as_tensor(train), epochs, latent, args.seed)[1]
                 continue
             torch.manual_seed(args.seed)
-            model = lk.models.VAE(input_dim=64, latent_dim=latent, hidden=(256,), **kwargs)
+            model = lk.models.VAE(input_dim=64, latent_dim=latent, hidden=(256,), **kwargs())
             seconds = latentkit_fit(model, train, epochs, args.seed)
             print(f"    trained {name} in {seconds:.1f} s")
             variants[name] = model

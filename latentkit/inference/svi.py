@@ -302,14 +302,17 @@ class SVIEngine:
                 optimizer.step()
                 losses[step] = value
                 stop_early = False
-                if record_epochs and done % per_epoch == 0:
+                epoch_end = record_epochs and done % per_epoch == 0
+                if epoch_end:
                     record.add(epoch_metrics(done - per_epoch, done))
                     stop_early = record.should_stop()
-                    shown = [name for name in ("validation_elbo", "active_units") if name in record.metrics]
-                    bar.set_postfix(loss=f"{value:.4g}", refresh=False,  # drawn at tqdm's own pace
-                                    **{name: f"{record.metrics[name][-1]:.4g}" for name in shown})
-                elif step % 25 == 0 or done == total:
-                    bar.set_postfix(loss=f"{value:.4g}")
+                if not bar.disable:  # the postfix is formatted only for a bar that is drawn
+                    if epoch_end:
+                        shown = [name for name in ("validation_elbo", "active_units") if name in record.metrics]
+                        bar.set_postfix(loss=f"{value:.4g}", refresh=False,  # drawn at tqdm's own pace
+                                        **{name: f"{record.metrics[name][-1]:.4g}" for name in shown})
+                    elif step % 25 == 0 or done == total:
+                        bar.set_postfix(loss=f"{value:.4g}")
                 if folder is not None and (due or signum is not None or stop_early):
                     ranks = distributed.gather_rng(cuda) if context is not None else None
                     if writes:

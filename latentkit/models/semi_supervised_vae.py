@@ -14,12 +14,10 @@ from torch import nn
 
 from latentkit.errors import ConfigError, DataError
 from latentkit.models.vae import (
-    ACTIVE_THRESHOLD,
     ConditionalVAE,
-    _active_units,
     _batched,
-    _kl_per_dim,
     _positive_int,
+    collapse_monitors,
     monitored_rows,
 )
 from latentkit.nn import MLP
@@ -197,5 +195,5 @@ class SemiSupervisedVAE(ConditionalVAE):
         rows = monitored_rows(kwargs["X"].shape[0])
         X, Y, known = kwargs["X"][rows], kwargs["Y"][rows], kwargs["labelled"][rows]
         y = torch.where(known, Y, self._class_logits(X).argmax(-1))
-        q = self.encode(X, self._one_hot(y)).base_dist
-        return {"kl_per_dim": _kl_per_dim(q), "active_units": _active_units(q, ACTIVE_THRESHOLD)}
+        loc, log_scale, _ = self._encoded(X, self._one_hot(y))
+        return collapse_monitors(loc, log_scale)

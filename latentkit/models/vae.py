@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,23 +41,33 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
 
+@functools.cache
 def monitored_rows(size: int) -> torch.Tensor:
-    """Indices of at most ``MONITOR_POINTS`` evenly spaced points of ``size``."""
+    """Indices of at most ``MONITOR_POINTS`` evenly spaced points of ``size`` (cached: the monitors
+    ask for the same rows after every epoch; do not modify the returned tensor)."""
     return torch.linspace(0, size - 1, min(size, MONITOR_POINTS)).round().long().unique()
 
 
-def _kl_per_dim(q: dist.Normal) -> torch.Tensor:
-    """KL(q(z_l | x) || N(0, 1)) per dimension, averaged over the points of q's batch."""
-    return (0.5 * (q.scale ** 2 + q.loc ** 2 - 1) - q.scale.log()).mean(0)
+def _kl_per_dim(loc: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """KL(N(loc, exp(log_scale)) || N(0, 1)) per dimension, averaged over the points (the first dimension)."""
+    return (0.5 * ((2 * log_scale).exp() + loc.square() - 1) - log_scale).mean(0)
 
 
-def _active_units(q: dist.Normal, threshold: float) -> torch.Tensor:
+def _active_units(loc: torch.Tensor, threshold: float) -> torch.Tensor:
     """How many dimensions have Var_x(E_q[z_l | x]) > threshold (a 0-d tensor)."""
-    return (q.loc.var(0) > threshold).sum()
+    return (loc.var(0) > threshold).sum()
+
+
+def collapse_monitors(loc: torch.Tensor, log_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-epoch monitors ``kl_per_dim`` and ``active_units`` of the Gaussian q(z | x) with these
+    parameters, ``(points, latent_dim)`` each (the distribution objects are skipped: this runs every epoch)."""
+    return {"kl_per_dim": _kl_per_dim(loc, log_scale), "active_units": _active_units(loc, ACTIVE_THRESHOLD)}
 
 
 def _batched(net: nn.Module, x: torch.Tensor, event_rank: int) -> torch.Tensor:
     """Apply ``net`` (which takes one batch dimension) to x with any number of batch dimensions."""
+    if x.dim() == event_rank + 1:  # one batch dimension already: no reshapes (nor their autograd nodes)
+        return net(x)
     batch = x.shape[:x.dim() - event_rank]
     out = net(x.reshape((-1,) + tuple(x.shape[len(batch):])))
     return out.reshape(batch + out.shape[1:])
@@ -336,10 +347,11 @@ class VAE(LatentModel):
         return {"z": ("obs_id", "latent"), "obs": ("obs_id",) + features}
 
     # -- networks -----------------------------------------------------------------------------
-    def _gaussian(self, x: torch.Tensor, context: torch.Tensor | None = None
-                  ) -> tuple[dist.Distribution, torch.Tensor]:
-        """The Gaussian part of q(z | x) and the encoder's input (one-hot for categorical data,
-        flattened and concatenated with the context for a conditional VAE)."""
+    def _encoded(self, x: torch.Tensor, context: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loc and log scale of the Gaussian part of q(z | x), each ``x batch + (latent_dim,)``, and
+        the encoder's input (one-hot for categorical data, flattened and concatenated with the context
+        for a conditional VAE)."""
         if self.likelihood == "categorical":
             x = nn.functional.one_hot(x.long(), self.n_categories).to(self._reference().dtype)
         if self.context_dim:
@@ -348,7 +360,12 @@ class VAE(LatentModel):
             batch = x.shape[:x.dim() - len(self.encoder_input_shape)]
             x = torch.cat([x.reshape(batch + (-1,)), context.expand(batch + context.shape[-1:])], -1)
         params = _batched(self.encoder, x, len(self._encoder_event()))
-        loc, log_scale = params[..., :self.latent_dim], params[..., self.latent_dim:]
+        return params[..., :self.latent_dim], params[..., self.latent_dim:], x
+
+    def _gaussian(self, x: torch.Tensor, context: torch.Tensor | None = None
+                  ) -> tuple[dist.Distribution, torch.Tensor]:
+        """The Gaussian part of q(z | x) and the encoder's input (see :meth:`_encoded`)."""
+        loc, log_scale, x = self._encoded(x, context)
         # Valid by construction (a positive scale); a NaN from the networks shows in the loss.
         return dist.Normal(loc, log_scale.exp(), validate_args=False).to_event(1), x
 
@@ -371,14 +388,19 @@ class VAE(LatentModel):
             z = transform(z)
         return z
 
+    def _decoder_input(self, z: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """z, concatenated with the context for a conditional VAE."""
+        if not self.context_dim:
+            return z
+        if context is None:
+            raise DataError("context: a ConditionalVAE decodes z together with its context.")
+        batch = torch.broadcast_shapes(z.shape[:-1], context.shape[:-1])
+        return torch.cat([z.expand(batch + z.shape[-1:]), context.expand(batch + context.shape[-1:])], -1)
+
     def decode(self, z: torch.Tensor, context: torch.Tensor | None = None) -> dist.Distribution:
         """p(x | z[, context]): batch ``z.shape[:-1]``, event ``input_shape``."""
         rank = len(self.input_shape)
-        if self.context_dim:
-            if context is None:
-                raise DataError("context: a ConditionalVAE decodes z together with its context.")
-            batch = torch.broadcast_shapes(z.shape[:-1], context.shape[:-1])
-            z = torch.cat([z.expand(batch + z.shape[-1:]), context.expand(batch + context.shape[-1:])], -1)
+        z = self._decoder_input(z, context)
         if self.autoregressive:
             # validate_args=False: Bernoulli data may be grey levels in [0, 1] (see the class docstring).
             return self.decoder.distribution(z, validate_args=False)
@@ -530,15 +552,24 @@ class VAE(LatentModel):
         if self.flows:
             q = self.encode(X, C)
             z = q.rsample()
-            latent = self.prior().log_prob(z) - q.log_prob(z)
+            latent = (self.prior().log_prob(z) - q.log_prob(z)).sum()
         else:
             # The Gaussian case written out, as a per-step hot path: z = loc + scale * eps with the draws
             # of Normal.rsample, and log N(z; 0, I) - log N(z; loc, scale) = sum 0.5 (eps^2 - z^2) + log scale.
-            gaussian = self._gaussian(X, C)[0].base_dist
-            eps = torch.randn_like(gaussian.loc)
-            z = gaussian.loc + gaussian.scale * eps
-            latent = (0.5 * (eps.square() - z.square()) + gaussian.scale.log()).sum(-1)
-        return -(size / X.shape[0]) * (self.decode(z, C).log_prob(X) + latent_scale * latent).sum()
+            loc, log_scale, _ = self._encoded(X, C)
+            eps = torch.randn_like(loc)
+            z = loc + log_scale.exp() * eps
+            latent = (0.5 * (eps.square() - z.square()) + log_scale).sum()
+        if self.likelihood == "bernoulli" and not self.autoregressive:
+            # Bernoulli(logits).log_prob is this same call with reduction="none"; summing inside it skips
+            # the distribution objects and the (B, D) intermediate, the largest cost of this step.
+            log_lik = -nn.functional.binary_cross_entropy_with_logits(
+                _batched(self.decoder, self._decoder_input(z, C), 1), X, reduction="sum")
+        else:
+            log_lik = self.decode(z, C).log_prob(X).sum()
+        if latent_scale != 1.0:
+            latent = latent_scale * latent
+        return -(size / X.shape[0]) * (log_lik + latent)
 
     def monitor(self, kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Posterior-collapse monitors on ``kwargs`` (:meth:`prepare`'s output), which the SVI engine
@@ -548,29 +579,30 @@ class VAE(LatentModel):
             return {}
         rows = monitored_rows(kwargs["X"].shape[0])
         C = kwargs.get("C")
-        q = self.encode(kwargs["X"][rows], None if C is None else C[rows]).base_dist
-        return {"kl_per_dim": _kl_per_dim(q), "active_units": _active_units(q, ACTIVE_THRESHOLD)}
+        loc, log_scale, _ = self._encoded(kwargs["X"][rows], None if C is None else C[rows])
+        return collapse_monitors(loc, log_scale)
 
-    def _gaussian_only(self, name: str, data: Any) -> dist.Normal:
+    def _gaussian_only(self, name: str, data: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loc and log scale of q(z | x) on the data (Gaussian guide only)."""
         if self.flows:
             raise ConfigError(f"{name}: defined for the Gaussian guide; with guide='iaf' q(z | x) does not "
                               "factorise over latent dimensions.")
-        return self.encode(*self._split(data)).base_dist
+        return self._encoded(*self._split(data))[:2]
 
     @torch.no_grad()
     def kl_per_dim(self, data: Any) -> torch.Tensor:
         """KL(q(z_l | x) || N(0, 1)) per latent dimension l, averaged over data points,
         ``(latent_dim,)``; the sum is the ELBO's KL term per data point."""
-        return _kl_per_dim(self._gaussian_only("kl_per_dim", data))
+        return _kl_per_dim(*self._gaussian_only("kl_per_dim", data))
 
     @torch.no_grad()
     def active_units(self, data: Any, threshold: float = ACTIVE_THRESHOLD) -> int:
         """Number of latent dimensions whose posterior mean varies with x: Var_x(E_q[z_l | x]) >
         ``threshold`` (Burda et al. 2016 use 0.01). Collapsed dimensions are inactive."""
-        q = self._gaussian_only("active_units", data)
-        if q.loc.shape[0] < 2:
+        loc, _ = self._gaussian_only("active_units", data)
+        if loc.shape[0] < 2:
             raise DataError("data: active units need at least two data points.")
-        return int(_active_units(q, threshold))
+        return int(_active_units(loc, threshold))
 
 
 class ConditionalVAE(VAE):

@@ -68,21 +68,33 @@ def test_latent_scale_scales_latent_sites_only():
     assert float(loss) == pytest.approx(float(expected), rel=1e-12)
 
 
-@pytest.mark.parametrize("guide", ["gaussian", "iaf"])
-def test_vae_fast_loss_equals_pyro_trace_elbo(digits, guide):
+@pytest.mark.parametrize("variant", ["gaussian guide", "iaf guide", "made decoder", "gaussian likelihood",
+                                     "categorical likelihood", "conditional"])
+@pytest.mark.parametrize("latent_scale", [1.0, 0.25])
+def test_vae_fast_loss_equals_pyro_trace_elbo(digits, variant, latent_scale):
     """The engine's fast path (VAE.elbo_loss) gives Pyro's Trace_ELBO value on the same random numbers,
-    on a minibatch and with a KL warm-up factor."""
-    vae = small_vae(guide=guide)
-    kwargs = vae.prepare(digits[0])
+    on a minibatch, with and without a KL warm-up factor, for each of its branches (Gaussian or flow
+    guide; Bernoulli logits, or the decoder's distribution for the other likelihoods)."""
+    data = digits[0]
+    if variant == "conditional":
+        torch.manual_seed(0)
+        vae = lk.models.ConditionalVAE(input_dim=64, latent_dim=4, context_dim=3, hidden=(32,))
+        data = (data, np.arange(len(data)) % 3)
+    else:
+        vae = small_vae(**{"gaussian guide": {}, "iaf guide": {"guide": "iaf"},
+                           "made decoder": {"decoder": lk.nn.MADE(64, hidden=(32,), context_dim=4)},
+                           "gaussian likelihood": {"likelihood": "gaussian"},
+                           "categorical likelihood": {"likelihood": "categorical", "n_categories": 2}}[variant])
+    kwargs = vae.prepare(data)
     batches = distributed.Minibatches(300, 50, seed=0)
-    scaled = LatentScale(0.25)
+    scaled = LatentScale(latent_scale)
     with torch.random.fork_rng():
         torch.manual_seed(3)
         with distributed.fixed_subsample(batches, 7):
             pyro_loss = Trace_ELBO().differentiable_loss(scaled(vae.model), scaled(vae.guide),
                                                          **{**kwargs, "subsample_size": 50})
         torch.manual_seed(3)
-        fast = vae.elbo_loss(kwargs, batches.indices(7), 0.25)
+        fast = vae.elbo_loss(kwargs, batches.indices(7), latent_scale)
     assert float(fast.detach()) == pytest.approx(float(pyro_loss.detach()), rel=1e-10)
 
 
