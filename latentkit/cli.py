@@ -47,7 +47,13 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
             flag = "--" + f.name.replace("_", "-")
             kind = _flag_type(f.type)
             help_text = f"[{engines}] {f.metadata.get('help', '')} (default: {f.default})"
-            if kind == "bool":
+            if kind == "bool" and f.metadata.get("choices"):
+                # A switch that also names a variant: --jit, --jit inductor, --no-jit.
+                group.add_argument(flag, nargs="?", const=True, default=None, choices=f.metadata["choices"],
+                                   help=help_text)
+                group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                   default=None, help=argparse.SUPPRESS)
+            elif kind == "bool":
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             else:
                 group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)

@@ -122,3 +122,19 @@ def test_help_lists_options_with_defaults(tmp_path):
     assert out.returncode == 0
     assert "--num-warmup" in out.stdout and "(default: 1000)" in out.stdout
     assert "--learning-rate" in out.stdout
+
+
+@pytest.mark.parametrize("flags, expected", [(["--jit"], True), (["--jit", "inductor"], "inductor"),
+                                             (["--no-jit"], False), ([], None)])
+def test_the_jit_flag_is_a_switch_that_can_name_the_compiler(flags, expected):
+    from latentkit.cli import _engine_options, build_parser
+
+    args = build_parser().parse_args(["fit", "gmm", "--data", "x.csv", *flags])
+    assert _engine_options(args).get("jit") == expected
+
+
+def test_an_unknown_compiler_is_refused():
+    from latentkit.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "gmm", "--data", "x.csv", "--jit", "inducto"])
