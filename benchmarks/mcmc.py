@@ -9,8 +9,8 @@ Four models, each with 4 chains x (1,000 warm-up + 1,000 draws), float64, one CP
     parallel-scan forward algorithm; NumPyro: the forward algorithm in ``lax.scan``);
 (d) logistic regression, N = 10,000, D = 20.
 
-For each engine: wall time including compilation, min bulk-ESS over all scalar parameters per
-second, max R-hat; then speed ratios, and agreement of posterior means and sds with stock Pyro
+For each engine: wall time including compilation (library imports excluded), min bulk-ESS over all
+scalar parameters per second, max R-hat; then speed ratios, and agreement of posterior means and sds with stock Pyro
 (largest |difference| / combined MCSE; the correctness bar is 4).
 
     python benchmarks/mcmc.py                 # all engines, full size (about 15 minutes)
@@ -30,6 +30,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+import torch._dynamo  # noqa: F401 - latentkit's tracer imports it on first use (1 s); JAX's import is untimed too
 from pyro.distributions import constraints
 from pyro.ops.indexing import Vindex
 
