@@ -284,3 +284,24 @@ def test_static_hmc_defaults_to_an_integration_time_of_two_pi():
         generator=torch.Generator().manual_seed(0),
     )
     assert (chains.stats["n_steps"] == 62).all()  # floor(2 pi / 0.1)
+
+
+def test_nuts_chains_do_not_wait_for_each_other():
+    # Four chains on N(0, 1) whose trajectory lengths vary from draw to draw. In lock-step every
+    # iteration would cost the longest of the four trajectories; here each chain starts its next
+    # transition when its own ends, so the run costs about the busiest chain's own total.
+    calls = []
+
+    def target(z):
+        calls.append(1)
+        return 0.5 * (z**2).sum(-1), z
+
+    chains = run_chains(target, torch.zeros(4, 1), num_warmup=0, num_samples=300, step_size=0.3,
+                        adapt_step_size=False, adapt_mass_matrix=False, generator=torch.Generator().manual_seed(0))
+    n_steps = chains.stats["n_steps"]
+    own = int(n_steps.sum(1).max())
+    lock_step = int(n_steps.max(0).values.sum())
+    # One potential call per leapfrog step, plus the initial evaluation; faster chains may run
+    # into extra transitions while the slowest finishes its last one (at most one trajectory).
+    assert own <= len(calls) - 1 <= own + 2**10
+    assert len(calls) - 1 < 0.85 * lock_step, (len(calls), own, lock_step)
