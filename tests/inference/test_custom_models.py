@@ -3,9 +3,11 @@
 import itertools
 
 import numpy as np
+import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.ops.indexing import Vindex
 
 import latentkit as lk
 from latentkit.inference.target import bind
@@ -60,6 +62,32 @@ def test_enumerated_mixture_needs_no_plate_nesting(engine):
     mix = dist.MixtureSameFamily(dist.Categorical(post["weights"]),
                                  dist.Normal(post["locs"], post["scale"]))
     np.testing.assert_allclose(res.log_likelihood["y"][0, 0], mix.log_prob(torch.as_tensor(y)), rtol=1e-8)
+
+
+def masked_mixture(y, mask):
+    """The enumerated mixture with some observations masked out (they must contribute nothing)."""
+    weights = pyro.sample("weights", dist.Dirichlet(torch.ones(2)))
+    locs = pyro.sample("locs", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+    with pyro.plate("data", len(y)):
+        z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
+        pyro.sample("y", dist.Normal(Vindex(locs)[..., z], 1.0).mask(mask), obs=y)
+
+
+def test_one_enumerated_site_is_summed_out_exactly():
+    # One enumerated site whose factors share its plate: log p(values, y) is the closed form
+    # sum_n log sum_k w_k N(y_n | loc_k, 1) over the unmasked points, plus the priors.
+    y, _ = _mixture_data(40)
+    mask = np.arange(40) % 7 != 0
+    y[~mask] = 1e6
+    values = {"weights": torch.tensor([[0.3, 0.7], [0.5, 0.5], [0.9, 0.1]]),
+              "locs": torch.tensor([[-2.0, 2.0], [-1.0, 0.0], [0.0, 3.0]])}
+    log_joint = BatchedModel(bind(masked_mixture, {"y": y, "mask": mask}), vectorized=True).log_density(values)
+    data = torch.as_tensor(y[mask])
+    for i in range(3):
+        mixture = dist.MixtureSameFamily(dist.Categorical(values["weights"][i]), dist.Normal(values["locs"][i], 1.0))
+        prior = dist.Dirichlet(torch.ones(2)).log_prob(values["weights"][i]) + dist.Normal(0.0, 10.0).log_prob(
+            values["locs"][i]).sum()
+        torch.testing.assert_close(log_joint[i], prior + mixture.log_prob(data).sum(), rtol=1e-12, atol=1e-9)
 
 
 def test_markov_chain_log_density_is_forward_algorithm():
