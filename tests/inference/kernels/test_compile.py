@@ -66,3 +66,15 @@ def test_compiled_and_eager_nuts_chains_draw_the_same(dense):
     torch.testing.assert_close(runs[0].samples, runs[1].samples, rtol=1e-9, atol=1e-9)
     for name in ("n_steps", "tree_depth", "diverging"):
         assert torch.equal(runs[0].stats[name], runs[1].stats[name]), name
+
+
+def test_an_untraceable_potential_runs_the_nuts_step_eagerly():
+    def branchy(z):  # Python control flow on the values: a trace cannot record it
+        scale = 1.0 if bool((z > -100).all()) else 2.0
+        return 0.5 * ((z / scale) ** 2).sum(-1), z / scale**2
+
+    with pytest.warns(UserWarning, match="jit: (tracing the NUTS step failed|the traced version of the NUTS step)"):
+        chains = run_chains(branchy, torch.zeros(2, 2), num_warmup=50, num_samples=50,
+                            generator=torch.Generator().manual_seed(0), jit="torchscript")
+    assert chains.compiled is False
+    assert chains.samples.shape == (2, 50, 2) and torch.isfinite(chains.samples).all()
