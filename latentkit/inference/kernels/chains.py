@@ -37,6 +37,8 @@ STAT_DTYPES = {"n_steps": torch.int64, "tree_depth": torch.int64, "diverging": t
 # Distances from the initial positions (in unconstrained units) of the points where a compiled
 # NUTS step must reproduce the eager one.
 COMPILE_CHECK_SCALES = (0.0, 0.1, 1.0, 3.0)
+# Eager NUTS steps from the last of those points at which the compiled step is checked too.
+COMPILE_CHECK_STEPS = 8
 
 
 class Chains(NamedTuple):
@@ -324,7 +326,8 @@ def _transition_function(
         return (*packing.pack(pytree.tree_flatten(tree)[0]), ends, *tree.state, *info)
 
     if jit:
-        # Check the compiled leaf where the chains start and at points around them.
+        # Check the compiled leaf where the chains start, at points around them, and along a few
+        # eager steps from the start (mid-transition: subtrees, U-turn checks, merges).
         probe_generator = torch.Generator(device=state.position.device).manual_seed(0)
         probes = []
         for scale in COMPILE_CHECK_SCALES:
@@ -334,6 +337,9 @@ def _transition_function(
             probe_tree = nuts.start_tree(init(moved, potential_and_grad), max_tree_depth)
             probes.append((*packing.pack(pytree.tree_flatten(probe_tree)[0]), *metric, step_sizes,
                            *nuts.draw_randomness(probe_generator, moved)))
+        for _ in range(COMPILE_CHECK_STEPS):
+            packed = leaf(*probes[-1])[:size]
+            probes.append((*packed, *metric, step_sizes, *nuts.draw_randomness(probe_generator, state.position)))
         compiled = compile_function(leaf, probes[0], probes=probes[1:], backend=jit, name="the NUTS step")
         leaf, jit = (compiled, jit) if compiled is not None else (leaf, False)
 

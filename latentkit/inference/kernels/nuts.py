@@ -188,12 +188,20 @@ def draw_randomness(generator: torch.Generator, position: Tensor) -> tuple[Tenso
 
 @functools.cache
 def _leaf_tables(max_tree_depth: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Per leaf index of the largest subtree: the checkpoint range ``low``, ``high`` (see
-    :func:`_checkpoint_range`), and the subtree sizes ``2**depth`` per depth."""
-    ranges = [_checkpoint_range(leaf) for leaf in range(2 ** (max_tree_depth - 1))]
-    low, high = (torch.tensor(column, dtype=torch.int64, device=device) for column in zip(*ranges, strict=True))
-    sizes = torch.tensor([2**depth for depth in range(max_tree_depth)], dtype=torch.int64, device=device)
-    return low, high, sizes
+    """Per leaf index of the largest subtree, over checkpoint slots: which checkpoints the leaf's
+    U-turn checks read (odd leaves, :func:`_checkpoint_range`) and which one it stores (even
+    leaves), ``(K, 2**(max_tree_depth - 1))`` each; and the subtree sizes ``2**depth`` per depth."""
+    slots = max(max_tree_depth - 1, 1)
+    reads = torch.zeros(slots, 2 ** (max_tree_depth - 1), dtype=torch.bool)
+    stores = torch.zeros_like(reads)
+    for leaf in range(reads.shape[1]):
+        low, high = _checkpoint_range(leaf)
+        if leaf % 2 == 0:
+            stores[high, leaf] = True
+        else:
+            reads[low : high + 1, leaf] = True
+    sizes = torch.tensor([2**depth for depth in range(max_tree_depth)], dtype=torch.int64)
+    return reads.to(device), stores.to(device), sizes.to(device)
 
 
 def advance(
@@ -281,17 +289,13 @@ def advance(
 
     # Odd leaves close balanced sub-subtrees: check each for a U-turn from the checkpoint at its
     # first leaf. Even leaves store a checkpoint.
-    low_table, high_table, sizes = _leaf_tables(max_tree_depth, step_size.device)
-    low, high = low_table[tree.leaf], high_table[tree.leaf]
-    even = tree.leaf % 2 == 0
-    slots = torch.arange(tree.checkpoints.shape[1], device=step_size.device).unsqueeze(-1)
+    reads_table, stores_table, sizes = _leaf_tables(max_tree_depth, step_size.device)
     ckpt_momentum, ckpt_velocity, ckpt_sum = tree.checkpoints
-    closes = ~even & (slots >= low) & (slots <= high)
     turns = is_turning(
         ckpt_velocity, new.velocity, ckpt_momentum, new.momentum, sub_momentum_sum - ckpt_sum + ckpt_momentum
     )
-    leaf_turning = (closes & turns).any(0)
-    stores = (even & (slots == high)).unsqueeze(-1)
+    leaf_turning = (reads_table[:, tree.leaf] & turns).any(0)
+    stores = stores_table[:, tree.leaf].unsqueeze(-1)
     checkpoints = torch.where(stores, torch.stack([new.momentum, new.velocity, sub_momentum_sum]).unsqueeze(1),
                               tree.checkpoints)
 
