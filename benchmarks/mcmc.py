@@ -16,6 +16,7 @@ scalar parameters per second, max R-hat; then speed ratios, and agreement of pos
     python benchmarks/mcmc.py                 # all engines, full size (about 15 minutes)
     python benchmarks/mcmc.py --smoke         # seconds
     python benchmarks/mcmc.py --models a,b --engines latentkit,numpyro
+    python benchmarks/mcmc.py --engines latentkit --jit inductor   # twice: cold, then cached
 
 NumPyro comes with ``pip install -e .[bench]``; without it its columns are skipped.
 """
@@ -164,10 +165,11 @@ def numpyro_models() -> dict[str, Callable[..., Any]]:
 
 
 # -- running -------------------------------------------------------------------------------------------
-def run_torch(engine: str, model: Callable[..., Any], data: dict[str, Any], draws: int) -> tuple[float, Any]:
+def run_torch(engine: str, model: Callable[..., Any], data: dict[str, Any], draws: int,
+              **options: Any) -> tuple[float, Any]:
     start = time.perf_counter()
     res = lk.fit(model, data, engine=engine, num_warmup=draws, num_samples=draws, num_chains=4, seed=0,
-                 progress=False)
+                 progress=False, **options)
     seconds = time.perf_counter() - start
     # The benchmark models have no deterministic sites: the float arrays are the continuous latents.
     return seconds, az.from_dict(posterior={k: v for k, v in res.posterior.items() if v.dtype.kind == "f"})
@@ -227,7 +229,9 @@ def main(args: argparse.Namespace) -> None:
             if engine == "numpyro":
                 seconds, idata = run_numpyro(twins[key], data, draws)
             else:
-                seconds, idata = run_torch("nuts" if engine == "latentkit" else "pyro-nuts", model, data, draws)
+                options = {"jit": args.jit} if engine == "latentkit" else {}
+                seconds, idata = run_torch("nuts" if engine == "latentkit" else "pyro-nuts", model, data, draws,
+                                           **options)
             results[engine] = (measure(idata, seconds), idata)
             m = results[engine][0]
             print(f"{label:26s} {engine:10s} {m['seconds']:8.1f} s  min bulk-ESS {m['min_ess']:7.0f}  "
@@ -252,4 +256,6 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true", help="100 + 100 draws on smaller data")
     parser.add_argument("--models", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--engines", default="latentkit,pyro,numpyro", help="comma-separated subset")
+    parser.add_argument("--jit", default=True, type=lambda v: v if v == "inductor" else v != "false",
+                        help="latentkit's jit option: true (default), inductor or false")
     main(parser.parse_args())
