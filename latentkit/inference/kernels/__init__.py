@@ -1,11 +1,13 @@
 """Vectorised multi-chain MCMC kernels in pure PyTorch: NUTS, static HMC and their warm-up.
 
 Each kernel follows one protocol: ``init(position, potential_and_grad) -> HMCState`` and
-``step(generator, state, ...) -> (HMCState, Info)``, batched over a leading chain dimension.
-:func:`run_chains` drives warm-up and sampling.
+``step(generator, state, ...) -> (HMCState, Info)``, batched over a leading chain dimension;
+NUTS also works one leapfrog step at a time (:func:`nuts.advance`), so that chains need not wait
+for each other. :func:`run_chains` drives warm-up and sampling; :mod:`.compile` turns a step into
+one graph.
 """
 
-from latentkit.inference.kernels import adaptation, hmc, integrators, metrics, nuts
+from latentkit.inference.kernels import adaptation, compile, hmc, integrators, metrics, nuts
 from latentkit.inference.kernels.chains import Chains, run_chains
 from latentkit.inference.kernels.metrics import Metric
 from latentkit.inference.kernels.state import HMCState, Info, PotentialAndGrad, init
@@ -17,6 +19,7 @@ __all__ = [
     "Metric",
     "PotentialAndGrad",
     "adaptation",
+    "compile",
     "hmc",
     "init",
     "integrators",
