@@ -99,7 +99,7 @@ def _static_runtime(module: torch.jit.ScriptModule) -> Callable[..., tuple[torch
 
     Static Runtime plans memory and calls operators with much less overhead per operation than
     the TorchScript interpreter: a NUTS step of eight schools (about 440 small operations) takes
-    0.17 ms instead of 0.30 ms. It is reached through ``torch._C`` (PyTorch ships it for
+    0.20 ms instead of 0.33 ms. It is reached through ``torch._C`` (PyTorch ships it for
     serving, without a public Python API), so any failure to convert keeps the interpreter. It
     runs on CPU only.
     """
@@ -139,6 +139,9 @@ class TensorPacking:
         keys = [(tensor.dtype, tuple(tensor.shape)) for tensor in tensors]
         self.groups = list(dict.fromkeys(keys))
         self.members = [[i for i, key in enumerate(keys) if key == group] for group in self.groups]
+        # Where each tensor lies: (group, position in the group).
+        self.slots = [(self.groups.index(key), self.members[self.groups.index(key)].index(i))
+                      for i, key in enumerate(keys)]
 
     def pack(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """One stacked tensor per group, ``(group size, *shape)``."""
@@ -146,8 +149,5 @@ class TensorPacking:
 
     def unpack(self, packed: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The tensors, in their original order."""
-        tensors: list[torch.Tensor] = [torch.empty(0)] * sum(map(len, self.members))
-        for members, group in zip(self.members, packed, strict=True):
-            for i, tensor in zip(members, group.unbind(0), strict=True):
-                tensors[i] = tensor
-        return tensors
+        unbound = [group.unbind(0) for group in packed]
+        return [unbound[group][position] for group, position in self.slots]

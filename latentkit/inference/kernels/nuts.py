@@ -316,11 +316,7 @@ def advance(
     depth = depth + subtree_ends
     ends = subtree_ends & (stopped | turning | (depth >= max_tree_depth))
 
-    state = HMCState(
-        torch.where(ends.unsqueeze(-1), proposal.position, state.position),
-        torch.where(ends, proposal.potential_energy, state.potential_energy),
-        torch.where(ends.unsqueeze(-1), proposal.potential_grad, state.potential_grad),
-    )
+    state = select_where(ends, HMCState(proposal.position, proposal.potential_energy, proposal.potential_grad), state)
     tree = Tree(
         state, ends, left, right, momentum_sum, log_weight, proposal, reference_energy, depth, sum_accept,
         n_steps, diverging, point, going_right, torch.where(subtree_ends, 0, tree.leaf + 1), sub_momentum_sum,
