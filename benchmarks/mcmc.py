@@ -1,6 +1,7 @@
 """latentkit NUTS against stock Pyro NUTS (jit) and NumPyro NUTS (vectorised chains).
 
-Four models, each with 4 chains x (1,000 warm-up + 1,000 draws), float64, one CPU thread:
+Four models, each with 4 chains x (1,000 warm-up + 1,000 draws), one CPU thread, float64 (``--dtype
+float32``: every library's default precision, for all engines alike):
 
 (a) non-centred eight schools;
 (b) 1-D Gaussian mixture, K = 3, N = 1,000, assignments enumerated (NumPyro: MixtureSameFamily,
@@ -17,6 +18,7 @@ scalar parameters per second, max R-hat; then speed ratios, and agreement of pos
     python benchmarks/mcmc.py --smoke         # seconds
     python benchmarks/mcmc.py --models a,b --engines latentkit,numpyro
     python benchmarks/mcmc.py --engines latentkit --jit inductor   # twice: cold, then cached
+    python benchmarks/mcmc.py --dtype float32
 
 NumPyro comes with ``pip install -e .[bench]``; without it its columns are skipped.
 """
@@ -206,14 +208,14 @@ def agreement(a: Any, b: Any) -> float:
 
 
 def main(args: argparse.Namespace) -> None:
-    torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(getattr(torch, args.dtype))
     torch.set_num_threads(1)
     engines = args.engines.split(",")
     if "numpyro" in engines:
         try:
             import numpyro
 
-            numpyro.enable_x64()
+            numpyro.enable_x64(args.dtype == "float64")
             numpyro.set_host_device_count(1)
             twins = numpyro_models()
         except ImportError:
@@ -256,6 +258,8 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true", help="100 + 100 draws on smaller data")
     parser.add_argument("--models", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--engines", default="latentkit,pyro,numpyro", help="comma-separated subset")
+    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                        help="floating-point precision of every engine (float32: their default)")
     parser.add_argument("--jit", default=True, type=lambda v: v if v == "inductor" else v != "false",
                         help="latentkit's jit option: true (default), inductor or false")
     main(parser.parse_args())
