@@ -254,7 +254,7 @@ def _svi_checks(result: Result) -> tuple[list[Check], dict[str, dict[str, Any]]]
         relative = change / (abs(last.mean()) + 1e-12)
         # Noise of the difference of two window means, from ArviZ's MCSE of each window treated
         # as one chain (Adam's iterates are autocorrelated, so the plain standard error is too small).
-        noise = math.hypot(*(float(az.mcse(w[None, :], method="mean")) for w in (last, before)))
+        noise = math.hypot(*(np.asarray(az.mcse(w[None, :], method="mean")).item() for w in (last, before)))
         ok = relative < ELBO_RTOL or change < 2 * noise
         checks.append(Check("elbo_converged", relative, f"< {ELBO_RTOL} or within noise",
                             "pass" if ok else "fail",

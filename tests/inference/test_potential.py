@@ -80,9 +80,10 @@ def test_jit_and_eager_fits_agree():
     fast = lk.fit(eight_schools, SCHOOLS, jit=True, **kwargs)
     slow = lk.fit(eight_schools, SCHOOLS, jit=False, **kwargs)
     assert fast.config["jit"] and not slow.config["jit"]
-    # Same seed, same arithmetic up to reassociation: the chains agree for many draws before
-    # round-off can separate them; their means agree within Monte Carlo error (sd of mu is 3.3).
-    np.testing.assert_allclose(fast.posterior["mu"][:, :20], slow.posterior["mu"][:, :20], rtol=1e-6)
+    # Same seed and algorithm, but not the same arithmetic (the compiled tree bookkeeping sums in
+    # another order), and early warm-up's large steps amplify round-off until the chains separate
+    # (tests/inference/kernels/test_nuts_numba.py compares them leaf by leaf): the posteriors
+    # agree within Monte Carlo error (sd of mu is 3.3).
     assert abs(fast.posterior["mu"].mean() - slow.posterior["mu"].mean()) < 4 * 3.3 / np.sqrt(100)
 
 

@@ -1,6 +1,7 @@
 """Run vectorised HMC or NUTS chains: Stan-style warm-up, then sampling, each chain at its own pace."""
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -308,6 +309,10 @@ def _transition_function(
 
         return hmc_transition, False
 
+    if jit == "torchscript" and state.position.device.type == "cpu":
+        fused = _fused_nuts(potential_and_grad, state, generator, max_tree_depth)
+        if fused is not None:
+            return fused
     # The leaf takes and returns the tree as a few stacked tensors (TensorPacking), so that the
     # run loop does no per-field work and a compiled leaf has few inputs and outputs; the
     # unpacking and packing inside are recorded into the graph.
@@ -352,6 +357,37 @@ def _transition_function(
         return HMCState(*out[size + 1 : size + 4]), out[size], Info(*out[size + 4 :])
 
     return nuts_leaf, jit
+
+
+def _fused_nuts(
+    potential_and_grad: PotentialAndGrad, state: HMCState, generator: torch.Generator, max_tree_depth: int
+) -> tuple[Advance, Backend | Literal[False]] | None:
+    """NUTS on CPU with its tree bookkeeping compiled by Numba and the potential by TorchScript
+    (:class:`~latentkit.inference.kernels.nuts_numba.FusedNuts`); None where Numba is missing or
+    fails, and the whole step is then compiled by TorchScript instead."""
+    try:
+        from latentkit.inference.kernels.nuts_numba import FusedNuts
+
+        # A throwaway step compiles the kernels (or loads them from Numba's cache) and proves them.
+        FusedNuts(potential_and_grad, init(state.position.clone(), potential_and_grad), max_tree_depth=max_tree_depth
+                  ).advance(torch.Generator().manual_seed(0), identity_metric(state.position, dense=False),
+                            torch.ones_like(state.potential_energy))
+    except Exception as error:  # noqa: BLE001 - no Numba, or a Numba that cannot compile: stay in PyTorch
+        warnings.warn(f"jit: NUTS's Numba kernels are unavailable ({type(error).__name__}: {error}); compiling the "
+                      "whole step with TorchScript instead (slower on small models).", stacklevel=3)
+        return None
+    probe_generator = torch.Generator().manual_seed(0)
+    probes = [(state.position + scale * torch.randn(state.position.shape, generator=probe_generator,
+                                                    dtype=state.position.dtype),)
+              for scale in COMPILE_CHECK_SCALES[1:]]
+    compiled = compile_function(potential_and_grad, (state.position,), probes=probes, backend="torchscript",
+                                name="the potential")
+    fused = FusedNuts(compiled or potential_and_grad, state, max_tree_depth=max_tree_depth)
+
+    def fused_advance(state: HMCState, metric: Metric, step_sizes: Tensor) -> tuple[HMCState, Tensor, Info]:
+        return fused.advance(generator, metric, step_sizes)
+
+    return fused_advance, "torchscript" if compiled is not None else False
 
 
 def _check_options(

@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from latentkit.inference.kernels.simplify import sink_expands
+
 __all__ = ["Backend", "TensorPacking", "compile_function"]
 
 Backend = Literal["torchscript", "inductor"]
@@ -72,6 +74,7 @@ def compile_function(
             # of seconds; if a future torch drops it, the except below keeps us eager.
             warnings.simplefilter("ignore", DeprecationWarning)
             graph = make_fx(lambda *args: fn(*args))(*example)  # any callable: a bound method too
+            sink_expands(graph)
             if backend == "inductor":
                 compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True,
                                          options={"cpp_wrapper": True})

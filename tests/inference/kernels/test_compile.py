@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from latentkit.inference.kernels import chains as chains_module
 from latentkit.inference.kernels import compile as compile_module
 from latentkit.inference.kernels import run_chains
 from latentkit.inference.kernels.compile import TensorPacking, compile_function
@@ -52,9 +53,15 @@ def test_packing_round_trips_tensors_of_mixed_dtypes_and_shapes():
         assert torch.equal(original, unpacked)
 
 
+@pytest.fixture
+def whole_step(monkeypatch):
+    """Compile NUTS's whole step with TorchScript, as without Numba or on a GPU."""
+    monkeypatch.setattr(chains_module, "_fused_nuts", lambda *args: None)
+
+
 @pytest.mark.parametrize("dense", [False, True])
-def test_compiled_and_eager_nuts_chains_draw_the_same(dense):
-    # The compiled step is the eager step's graph: same seed, same draws up to round-off.
+def test_compiled_and_eager_nuts_chains_draw_the_same(dense, whole_step):
+    # The compiled step is the eager step's graph: same seed, the same draws bit for bit.
     scales = torch.tensor([0.5, 1.0, 3.0])
 
     def target(z):
@@ -68,12 +75,21 @@ def test_compiled_and_eager_nuts_chains_draw_the_same(dense):
         assert torch.equal(runs[0].stats[name], runs[1].stats[name]), name
 
 
-def test_an_untraceable_potential_runs_the_nuts_step_eagerly():
-    def branchy(z):  # Python control flow on the values: a trace cannot record it
-        scale = 1.0 if bool((z > -100).all()) else 2.0
-        return 0.5 * ((z / scale) ** 2).sum(-1), z / scale**2
+def branchy(z):  # Python control flow on the values: a trace cannot record it
+    scale = 1.0 if bool((z > -100).all()) else 2.0
+    return 0.5 * ((z / scale) ** 2).sum(-1), z / scale**2
 
+
+def test_an_untraceable_potential_runs_the_nuts_step_eagerly(whole_step):
     with pytest.warns(UserWarning, match="jit: (tracing the NUTS step failed|the traced version of the NUTS step)"):
+        chains = run_chains(branchy, torch.zeros(2, 2), num_warmup=50, num_samples=50,
+                            generator=torch.Generator().manual_seed(0), jit="torchscript")
+    assert chains.compiled is False
+    assert chains.samples.shape == (2, 50, 2) and torch.isfinite(chains.samples).all()
+
+
+def test_an_untraceable_potential_runs_eagerly_beside_the_numba_tree():
+    with pytest.warns(UserWarning, match="jit: (tracing the potential failed|the traced version of the potential)"):
         chains = run_chains(branchy, torch.zeros(2, 2), num_warmup=50, num_samples=50,
                             generator=torch.Generator().manual_seed(0), jit="torchscript")
     assert chains.compiled is False

@@ -1,0 +1,42 @@
+"""Sinking expands below elementwise operations: same values, smaller operations."""
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from latentkit.inference.kernels.simplify import sink_expands
+
+
+def broadcast_log_density(loc, scale, y):
+    """Normal log density and its gradient the way Pyro computes it: parameters broadcast first."""
+    loc, scale = loc.detach().requires_grad_(), scale.detach().requires_grad_()
+    shape = torch.broadcast_shapes(loc.shape, scale.shape, y.shape)
+    big_loc, big_scale = loc.expand(shape), scale.expand(shape)
+    log_density = -((y - big_loc) ** 2) / (2 * big_scale**2) - big_scale.log() - 0.5 * torch.log(torch.tensor(6.2832))
+    clamped = big_scale.clamp(0.1, 10.0)  # its backward updates a mask in place
+    total = log_density.sum() + torch.where(big_scale > 1.0, clamped, torch.tensor(0.0)).sum()
+    return (total, *torch.autograd.grad(total, (loc, scale)))
+
+
+def test_sunk_graph_computes_the_same_with_fewer_large_operations():
+    args = (torch.randn(4, 1, 3), torch.rand(4, 1, 1) + 0.5, torch.randn(1000, 3))
+    module = make_fx(broadcast_log_density)(*args)
+
+    def large_operations():
+        return sum(1 for node in module.graph.nodes if node.op == "call_function" and "expand" not in str(node.target)
+                   and isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].numel() >= 1000)
+
+    before = large_operations()
+    assert sink_expands(module) >= 4
+    assert large_operations() <= before - 4  # log, square, mul of the scale, and their derivatives
+    for trial in range(3):
+        point = tuple(arg + 0.1 * trial for arg in args)
+        for expected, actual in zip(broadcast_log_density(*point), module(*point), strict=True):
+            torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_operations_mixing_dtypes_are_left_alone():
+    def mixed(x, y):  # float64 expand and a float32 expand: promotion must see both as they are
+        return (x.expand(5, 3) + y.expand(5, 3),)
+
+    module = make_fx(mixed)(torch.ones(1, 3, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float32))
+    assert sink_expands(module) == 0
