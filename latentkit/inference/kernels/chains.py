@@ -2,8 +2,8 @@
 
 import math
 import warnings
-from collections.abc import Callable
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -172,7 +172,7 @@ def run_chains(
     )
     finfo = torch.finfo(dtype)
     total = num_warmup + num_samples
-    advance, compiled = _transition_function(
+    advance, compiled, potential_and_grad = _transition_function(
         potential_and_grad, state, metric, step_sizes, generator, algorithm=algorithm,
         max_tree_depth=max_tree_depth, num_steps=num_steps, trajectory_length=trajectory_length, jit=jit,
     )
@@ -186,24 +186,35 @@ def run_chains(
             step_size=step_sizes,
         )
 
-    def adapt(
-        warm: Tensor, iteration: Tensor, state: HMCState, info: Info, step_sizes: Tensor,
-        dual_averaging: DualAveragingState, welford: WelfordState, metric: Metric,
-    ) -> tuple[Tensor, DualAveragingState, WelfordState, Metric]:
-        """Warm-up adaptation of the chains ``warm`` that just ended warm-up transition ``iteration``."""
+    def adaptation_update(
+        warm: Tensor, iteration: Tensor, acceptance_rate: Tensor, position: Tensor, step_sizes: Tensor,
+        dual_averaging: DualAveragingState, welford: WelfordState,
+    ) -> tuple[Tensor, DualAveragingState, WelfordState, Tensor]:
+        """Dual averaging and Welford updates of the chains ``warm`` that just ended warm-up transition
+        ``iteration``; also returns which of them close a mass-matrix window."""
         if adapt_step_size:
-            updated = dual_averaging_update(dual_averaging, info.acceptance_rate, target_accept)
+            updated = dual_averaging_update(dual_averaging, acceptance_rate, target_accept)
             dual_averaging = select_where(warm, updated, dual_averaging)
             log_step_size = torch.where(
                 iteration == num_warmup - 1, updated.log_step_size_avg, updated.log_step_size
             )
             step_sizes = torch.where(warm, log_step_size.exp().clamp(finfo.tiny, finfo.max), step_sizes)
-        if not adapt_mass_matrix:
-            return step_sizes, dual_averaging, welford, metric
-        at = iteration.clamp(max=num_warmup - 1)
-        windowed = warm & in_window[at]
-        welford = select_where(windowed, welford_update(welford, state.position), welford)
-        closing = windowed & window_end[at]
+        closing = torch.zeros_like(warm)
+        if adapt_mass_matrix:
+            at = iteration.clamp(max=num_warmup - 1)
+            windowed = warm & in_window[at]
+            welford = select_where(windowed, welford_update(welford, position), welford)
+            closing = windowed & window_end[at]
+        return step_sizes, dual_averaging, welford, closing
+
+    def adapt(
+        warm: Tensor, iteration: Tensor, state: HMCState, info: Info, step_sizes: Tensor,
+        dual_averaging: DualAveragingState, welford: WelfordState, metric: Metric,
+    ) -> tuple[Tensor, DualAveragingState, WelfordState, Metric]:
+        """Warm-up adaptation of the chains ``warm`` that just ended warm-up transition ``iteration``."""
+        step_sizes, dual_averaging, welford, closing = update(
+            warm, iteration, info.acceptance_rate, state.position, step_sizes, dual_averaging, welford
+        )
         if bool(closing.any()):
             metric = select_where(closing, metric_from_inverse_mass(welford_covariance(welford)), metric)
             welford = select_where(closing, welford_init(init_position, dense=dense_mass), welford)
@@ -224,6 +235,14 @@ def run_chains(
             in_window[window.start : window.end + 1] = True
             window_end[window.end] = True
     welford = welford_init(init_position, dense=dense_mass)
+    # Called whenever a warming chain ends a transition (thousands of times): compiled with the step.
+    update = adaptation_update
+    if jit and num_warmup > 0:
+        warm = torch.arange(num_chains, device=device) % 2 == 0
+        examples = [(warm ^ flip, torch.full((num_chains,), at, device=device), state.potential_energy.exp().clamp(
+            max=1.0), state.position + at, step_sizes, dual_averaging, welford)
+            for flip, at in ((False, 0), (True, num_warmup - 1), (False, num_warmup // 2))]
+        update = _compile_tree_function(adaptation_update, examples, backend=jit) or adaptation_update
     samples = torch.empty(num_chains, num_samples, dim, dtype=dtype, device=device)
     stats = {
         name: torch.empty(num_chains, num_samples, dtype=STAT_DTYPES.get(name, dtype), device=device)
@@ -288,13 +307,14 @@ def _transition_function(
     num_steps: int | None,
     trajectory_length: float | None,
     jit: Backend | Literal[False],
-) -> tuple[Advance, Backend | Literal[False]]:
+) -> tuple[Advance, Backend | Literal[False], PotentialAndGrad]:
     """``advance(state, metric, step_sizes) -> (state, ends, info)``: the unit of work of the run,
     after which ``ends`` says which chains ended a transition (``info`` holds its statistics).
 
     For NUTS one leapfrog step of every chain (:func:`~latentkit.inference.kernels.nuts.advance`),
     compiled with ``jit`` into one graph, potential included; for static HMC one transition of
-    every chain. Also returns the backend that compiled the step (False: eager).
+    every chain. Also returns the backend that compiled the step (False: eager) and the potential for
+    the rest of the run (compiled where it was compiled on its own).
     """
     if algorithm == "hmc":
         max_num_steps = 2**max_tree_depth - 1
@@ -307,7 +327,7 @@ def _transition_function(
                                    step_size=step_sizes, num_steps=steps)
             return state, torch.ones_like(info.diverging), info
 
-        return hmc_transition, False
+        return hmc_transition, False, potential_and_grad
 
     if jit == "torchscript" and state.position.device.type == "cpu":
         fused = _fused_nuts(potential_and_grad, state, generator, max_tree_depth)
@@ -356,12 +376,47 @@ def _transition_function(
         packed_tree = out[:size]
         return HMCState(*out[size + 1 : size + 4]), out[size], Info(*out[size + 4 :])
 
-    return nuts_leaf, jit
+    return nuts_leaf, jit, potential_and_grad
+
+
+def _compile_tree_function(fn: Callable[..., tuple[Any, ...]], examples: list[tuple[Any, ...]], backend: Backend
+                           ) -> Callable[..., tuple[Any, ...]] | None:
+    """``fn`` of tensors and named tuples of tensors, returning such a tuple, compiled by
+    :func:`~latentkit.inference.kernels.compile.compile_function` (checked on every example).
+
+    Arguments and results are flattened by hand: ``torch.utils._pytree`` costs tens of
+    microseconds per call, as much as the compiled graph."""
+    def flatten(values: tuple[Any, ...]) -> list[Tensor]:
+        return [tensor for value in values for tensor in (value if isinstance(value, tuple) else (value,))]
+
+    def unflatten(tensors: Sequence[Tensor], like: tuple[Any, ...]) -> tuple[Any, ...]:
+        values, at = [], 0
+        for value in like:
+            if isinstance(value, tuple):
+                values.append(type(value)(*tensors[at : at + len(value)]))
+                at += len(value)
+            else:
+                values.append(tensors[at])
+                at += 1
+        return tuple(values)
+
+    example = examples[0]
+    result = fn(*example)
+
+    def flat_fn(*tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(flatten(fn(*unflatten(tensors, example))))
+
+    compiled = compile_function(flat_fn, tuple(flatten(example)),
+                                probes=[tuple(flatten(probe)) for probe in examples[1:]], backend=backend,
+                                name=f"the {fn.__name__.replace('_', ' ')}")
+    if compiled is None:
+        return None
+    return lambda *args: unflatten(compiled(*flatten(args)), result)
 
 
 def _fused_nuts(
     potential_and_grad: PotentialAndGrad, state: HMCState, generator: torch.Generator, max_tree_depth: int
-) -> tuple[Advance, Backend | Literal[False]] | None:
+) -> tuple[Advance, Backend | Literal[False], PotentialAndGrad] | None:
     """NUTS on CPU with its tree bookkeeping compiled by Numba and the potential by TorchScript
     (:class:`~latentkit.inference.kernels.nuts_numba.FusedNuts`); None where Numba is missing or
     fails, and the whole step is then compiled by TorchScript instead."""
@@ -387,7 +442,7 @@ def _fused_nuts(
     def fused_advance(state: HMCState, metric: Metric, step_sizes: Tensor) -> tuple[HMCState, Tensor, Info]:
         return fused.advance(generator, metric, step_sizes)
 
-    return fused_advance, "torchscript" if compiled is not None else False
+    return fused_advance, "torchscript" if compiled is not None else False, compiled or potential_and_grad
 
 
 def _check_options(
