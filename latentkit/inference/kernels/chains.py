@@ -242,7 +242,8 @@ def run_chains(
         examples = [(warm ^ flip, torch.full((num_chains,), at, device=device), state.potential_energy.exp().clamp(
             max=1.0), state.position + at, step_sizes, dual_averaging, welford)
             for flip, at in ((False, 0), (True, num_warmup - 1), (False, num_warmup // 2))]
-        update = _compile_tree_function(adaptation_update, examples, backend=jit) or adaptation_update
+        # TorchScript even with jit="inductor": seconds of C++ compilation would not pay for this small graph.
+        update = _compile_tree_function(adaptation_update, examples, backend="torchscript") or adaptation_update
     samples = torch.empty(num_chains, num_samples, dim, dtype=dtype, device=device)
     stats = {
         name: torch.empty(num_chains, num_samples, dtype=STAT_DTYPES.get(name, dtype), device=device)
