@@ -330,8 +330,8 @@ def _transition_function(
 
         return hmc_transition, False, potential_and_grad
 
-    if jit == "torchscript" and state.position.device.type == "cpu":
-        fused = _fused_nuts(potential_and_grad, state, generator, max_tree_depth)
+    if jit and state.position.device.type == "cpu":
+        fused = _fused_nuts(potential_and_grad, state, generator, max_tree_depth, jit)
         if fused is not None:
             return fused
     # The leaf takes and returns the tree as a few stacked tensors (TensorPacking), so that the
@@ -416,11 +416,12 @@ def _compile_tree_function(fn: Callable[..., tuple[Any, ...]], examples: list[tu
 
 
 def _fused_nuts(
-    potential_and_grad: PotentialAndGrad, state: HMCState, generator: torch.Generator, max_tree_depth: int
+    potential_and_grad: PotentialAndGrad, state: HMCState, generator: torch.Generator, max_tree_depth: int,
+    backend: Backend,
 ) -> tuple[Advance, Backend | Literal[False], PotentialAndGrad] | None:
-    """NUTS on CPU with its tree bookkeeping compiled by Numba and the potential by TorchScript
+    """NUTS on CPU with its tree bookkeeping compiled by Numba and the potential by ``backend``
     (:class:`~latentkit.inference.kernels.nuts_numba.FusedNuts`); None where Numba is missing or
-    fails, and the whole step is then compiled by TorchScript instead."""
+    fails, and the whole step is then compiled by ``backend`` instead."""
     try:
         from latentkit.inference.kernels.nuts_numba import FusedNuts
 
@@ -436,14 +437,15 @@ def _fused_nuts(
     probes = [(state.position + scale * torch.randn(state.position.shape, generator=probe_generator,
                                                     dtype=state.position.dtype),)
               for scale in COMPILE_CHECK_SCALES[1:]]
-    compiled = compile_function(potential_and_grad, (state.position,), probes=probes, backend="torchscript",
+    compiled = compile_function(potential_and_grad, (state.position,), probes=probes, backend=backend,
                                 name="the potential")
-    fused = FusedNuts(compiled or potential_and_grad, state, max_tree_depth=max_tree_depth)
+    potential = compiled if compiled is not None else potential_and_grad
+    fused = FusedNuts(potential, state, max_tree_depth=max_tree_depth)
 
     def fused_advance(state: HMCState, metric: Metric, step_sizes: Tensor) -> tuple[HMCState, Tensor, Info]:
         return fused.advance(generator, metric, step_sizes)
 
-    return fused_advance, "torchscript" if compiled is not None else False, compiled or potential_and_grad
+    return fused_advance, backend if compiled is not None else False, potential
 
 
 def _check_options(
