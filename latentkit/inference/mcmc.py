@@ -57,9 +57,10 @@ class MCMCOptions:
 class MCMCEngine:
     """NUTS (``algorithm="nuts"``) or static HMC (``"hmc"``), all chains batched in one process.
 
-    NUTS chains go at their own pace, one leapfrog step of every chain per call of one compiled
-    graph (see :func:`~latentkit.inference.kernels.run_chains`); static HMC makes one transition
-    of every chain per call, with a compiled potential.
+    NUTS chains go at their own pace, one leapfrog step of every chain per call: on CPU the tree
+    bookkeeping runs as Numba-compiled loops and the potential as one compiled graph, elsewhere
+    the whole step is one compiled graph (see :func:`~latentkit.inference.kernels.run_chains`);
+    static HMC makes one transition of every chain per call, with a compiled potential.
 
     Discrete sites marked for enumeration are summed out in the potential and sampled
     afterwards with ``infer_discrete``. Each chain starts from its own point, derived from

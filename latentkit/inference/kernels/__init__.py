@@ -3,11 +3,12 @@
 Each kernel follows one protocol: ``init(position, potential_and_grad) -> HMCState`` and
 ``step(generator, state, ...) -> (HMCState, Info)``, batched over a leading chain dimension;
 NUTS also works one leapfrog step at a time (:func:`nuts.advance`), so that chains need not wait
-for each other. :func:`run_chains` drives warm-up and sampling; :mod:`.compile` turns a step into
-one graph.
+for each other. :func:`run_chains` drives warm-up and sampling; :mod:`.compile` turns a step or a
+potential into one graph, and :mod:`.nuts_numba` runs NUTS's tree bookkeeping as compiled loops on
+CPU.
 """
 
-from latentkit.inference.kernels import adaptation, compile, hmc, integrators, metrics, nuts
+from latentkit.inference.kernels import adaptation, compile, hmc, integrators, metrics, nuts, simplify
 from latentkit.inference.kernels.chains import Chains, run_chains
 from latentkit.inference.kernels.metrics import Metric
 from latentkit.inference.kernels.state import HMCState, Info, PotentialAndGrad, init
@@ -26,4 +27,5 @@ __all__ = [
     "metrics",
     "nuts",
     "run_chains",
+    "simplify",
 ]

@@ -128,13 +128,17 @@ def run_chains(
             iteration ``iteration`` (counted from 0 across warm-up and sampling); when it returns
             True the run ends there and the draws every chain completed are returned (none when
             it stops during warm-up).
-        jit: compile the NUTS step, potential included, into one graph with this backend
-            (see :func:`~latentkit.inference.kernels.compile.compile_function`; the potential
-            must then be traceable Python, not itself compiled); False runs it eagerly.
+        jit: compile with this backend (see
+            :func:`~latentkit.inference.kernels.compile.compile_function`; the potential must
+            then be traceable Python, not itself compiled): on CPU the potential alone, beside
+            NUTS's tree bookkeeping compiled by Numba
+            (:class:`~latentkit.inference.kernels.nuts_numba.FusedNuts`), elsewhere (or without
+            Numba) the whole NUTS step, potential included, as one graph; and the warm-up
+            adaptation updates (TorchScript). False runs everything eagerly.
 
     Returns:
         The draws, their statistics, the adapted step size and inverse mass matrix, and the
-        backend that compiled the step.
+        backend that compiled the potential.
 
     Raises:
         ConfigError: for an option value out of range or a wrong combination of options.
