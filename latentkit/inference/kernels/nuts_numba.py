@@ -316,6 +316,8 @@ class FusedNuts:
         self.info_tensors = Info(info[ACCEPTANCE_RATE], counts[TREE_DEPTH], counts[INFO_N_STEPS],
                                  torch.from_numpy(self.info_diverging), info[ENERGY])
         self.ends_tensor = torch.from_numpy(self.ends)
+        self._metric: Metric | None = None
+        self._metric_arrays: tuple[np.ndarray, np.ndarray] = ()
 
     def advance(self, generator: torch.Generator, metric: Metric, step_size: Tensor) -> tuple[HMCState, Tensor, Info]:
         """One leapfrog step of every chain; see :func:`~latentkit.inference.kernels.nuts.advance`.
@@ -327,9 +329,12 @@ class FusedNuts:
         """
         noise, uniforms = nuts.draw_randomness(generator, self.state.position)
         uniforms = uniforms.numpy()
-        # Contiguous arrays: one compiled version of the kernels (a dense metric's scale is a transpose).
-        inverse_mass = np.ascontiguousarray(metric.inverse_mass_matrix.numpy())
-        momentum_scale = np.ascontiguousarray(metric.momentum_scale.numpy())
+        if metric is not self._metric:  # warm-up changes it now and then: convert it then only
+            # Contiguous arrays: one compiled version of the kernels (a dense metric's scale is a transpose).
+            self._metric = metric
+            self._metric_arrays = (np.ascontiguousarray(metric.inverse_mass_matrix.numpy()),
+                                   np.ascontiguousarray(metric.momentum_scale.numpy()))
+        inverse_mass, momentum_scale = self._metric_arrays
         step = step_size.numpy()
         _begin_and_move(self.vectors, self.scalars, self.counts, inverse_mass, momentum_scale, step, noise.numpy(),
                         uniforms)
