@@ -52,7 +52,8 @@ class Chains(NamedTuple):
             ``diverging`` and ``energy``; see :class:`~latentkit.inference.kernels.state.Info`.
         step_size: the adapted step size of each chain.
         inverse_mass_matrix: the adapted inverse mass matrix of each chain.
-        compiled: the backend that compiled the NUTS step, False if it ran eagerly.
+        compiled: the backend that compiled the potential (with the whole NUTS step where Numba
+            does not run the tree), False if it ran eagerly.
 
     Shapes:
         ``samples``: ``(chain, draw, D)``; each stat ``(chain, draw)``; ``step_size``:
