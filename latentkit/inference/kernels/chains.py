@@ -317,10 +317,12 @@ def _transition_function(
     """``advance(state, metric, step_sizes) -> (state, ends, info)``: the unit of work of the run,
     after which ``ends`` says which chains ended a transition (``info`` holds its statistics).
 
-    For NUTS one leapfrog step of every chain (:func:`~latentkit.inference.kernels.nuts.advance`),
-    compiled with ``jit`` into one graph, potential included; for static HMC one transition of
-    every chain. Also returns the backend that compiled the step (False: eager) and the potential for
-    the rest of the run (compiled where it was compiled on its own).
+    For NUTS one leapfrog step of every chain (:func:`~latentkit.inference.kernels.nuts.advance`):
+    with ``jit`` on CPU the tree bookkeeping in Numba's loops and the potential compiled alone
+    (:func:`_fused_nuts`), else compiled with ``jit`` into one graph, potential included; for
+    static HMC one transition of every chain. Also returns the backend that compiled the
+    potential (False: eager) and the potential for the rest of the run (compiled where it was
+    compiled on its own).
     """
     if algorithm == "hmc":
         max_num_steps = 2**max_tree_depth - 1
@@ -436,7 +438,7 @@ def _fused_nuts(
                             torch.ones_like(state.potential_energy))
     except Exception as error:  # noqa: BLE001 - no Numba, or a Numba that cannot compile: stay in PyTorch
         warnings.warn(f"jit: NUTS's Numba kernels are unavailable ({type(error).__name__}: {error}); compiling the "
-                      "whole step with TorchScript instead (slower on small models).", stacklevel=3)
+                      f"whole step with {backend} instead (slower on small models).", stacklevel=3)
         return None
     probe_generator = torch.Generator().manual_seed(0)
     probes = [(state.position + scale * torch.randn(state.position.shape, generator=probe_generator,

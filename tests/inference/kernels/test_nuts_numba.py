@@ -69,3 +69,15 @@ def test_run_chains_draws_the_same_with_fused_and_reference_steps():
     torch.testing.assert_close(runs[0].samples, runs[1].samples, rtol=1e-4, atol=1e-4)
     for name in ("n_steps", "tree_depth", "diverging"):
         assert torch.equal(runs[0].stats[name], runs[1].stats[name]), name
+
+
+def test_a_numba_failure_falls_back_to_the_compiled_whole_step(monkeypatch):
+    def broken(self, *args):
+        raise RuntimeError("no LLVM here")
+
+    monkeypatch.setattr(FusedNuts, "advance", broken)
+    with pytest.warns(UserWarning, match="Numba kernels are unavailable .*no LLVM here.*whole step with torchscript"):
+        chains = run_chains(lambda z: (0.5 * (z**2).sum(-1), z), torch.zeros(2, 2), num_warmup=30, num_samples=20,
+                            generator=torch.Generator().manual_seed(0), jit="torchscript")
+    assert chains.compiled == "torchscript"
+    assert chains.samples.shape == (2, 20, 2) and torch.isfinite(chains.samples).all()
