@@ -25,7 +25,7 @@ def quartic(z):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("dense", [False, True])
-@pytest.mark.parametrize("max_tree_depth", [10, 2])
+@pytest.mark.parametrize("max_tree_depth", [10, 2, 1])
 def test_fused_leaves_match_the_reference(dtype, dense, max_tree_depth):
     num_chains = 5
     start = torch.randn(num_chains, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
@@ -38,10 +38,12 @@ def test_fused_leaves_match_the_reference(dtype, dense, max_tree_depth):
     tree = nuts.start_tree(state, max_tree_depth)
     fused = FusedNuts(quartic, state, max_tree_depth=max_tree_depth)
     # Rounding differs (Numba sums in another order, and in float64 for float32 chains), and far-out
-    # trajectories with large steps amplify it: compare 200 leaves, before it grows past round-off.
+    # trajectories with large steps amplify it: compare 200 leaves (float32: 60), before it grows
+    # past round-off.
     tolerance = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-3, "atol": 1e-3}
+    leaves = 200 if dtype == torch.float64 else 60
     ended, diverged = 0, 0
-    for _ in range(200):
+    for _ in range(leaves):
         noise, uniforms = nuts.draw_randomness(reference_generator, state.position)
         tree, ends, info = nuts.advance(tree, potential_and_grad=quartic, metric=metric, step_size=step_size,
                                         noise=noise, uniforms=uniforms, max_tree_depth=max_tree_depth)
@@ -53,7 +55,7 @@ def test_fused_leaves_match_the_reference(dtype, dense, max_tree_depth):
             torch.testing.assert_close(actual[ends], expected[ends], **tolerance, msg=name)
         ended += int(ends.sum())
         diverged += int((ends & info.diverging).sum())
-    assert ended > 150 and diverged > 10  # the run went through the cases it is meant to compare
+    assert ended > leaves * 0.6 and diverged > leaves * 0.05  # it went through the cases meant to be compared
 
 
 def test_run_chains_draws_the_same_with_fused_and_reference_steps():
