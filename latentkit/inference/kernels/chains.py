@@ -23,7 +23,7 @@ from latentkit.inference.kernels.adaptation import (
     welford_init,
     welford_update,
 )
-from latentkit.inference.kernels.compile import Backend, TensorPacking, compile_function
+from latentkit.inference.kernels.compile import Backend, TensorPacking, compile_function, points_around
 from latentkit.inference.kernels.metrics import Metric, identity_metric, metric_from_inverse_mass
 from latentkit.inference.kernels.state import HMCState, Info, PotentialAndGrad, init, select_where
 
@@ -35,9 +35,6 @@ STAT_NAMES = ("lp", "acceptance_rate", "step_size", "n_steps", "tree_depth", "di
 DEFAULT_TRAJECTORY_LENGTH = 2 * math.pi
 # Statistics that are not in the dtype of the positions.
 STAT_DTYPES = {"n_steps": torch.int64, "tree_depth": torch.int64, "diverging": torch.bool}
-# Distances from the initial positions (in unconstrained units) of the points where a compiled
-# NUTS step must reproduce the eager one.
-COMPILE_CHECK_SCALES = (0.0, 0.1, 1.0, 3.0)
 # Eager NUTS steps from the last of those points at which the compiled step is checked too.
 COMPILE_CHECK_STEPS = 8
 
@@ -338,7 +335,7 @@ def _transition_function(
         return hmc_transition, False, potential_and_grad
 
     if jit and state.position.device.type == "cpu":
-        fused = _fused_nuts(potential_and_grad, state, generator, max_tree_depth, jit)
+        fused = _fused_nuts(potential_and_grad, state, metric, generator, max_tree_depth, jit)
         if fused is not None:
             return fused
     # The leaf takes and returns the tree as a few stacked tensors (TensorPacking), so that the
@@ -363,10 +360,7 @@ def _transition_function(
         # eager steps from the start (mid-transition: subtrees, U-turn checks, merges).
         probe_generator = torch.Generator(device=state.position.device).manual_seed(0)
         probes = []
-        for scale in COMPILE_CHECK_SCALES:
-            moved = state.position + scale * torch.randn(
-                state.position.shape, generator=probe_generator, dtype=state.position.dtype,
-                device=state.position.device)
+        for moved in points_around(state.position):
             probe_tree = nuts.start_tree(init(moved, potential_and_grad), max_tree_depth)
             probes.append((*packing.pack(pytree.tree_flatten(probe_tree)[0]), *metric, step_sizes,
                            *nuts.draw_randomness(probe_generator, moved)))
@@ -423,8 +417,8 @@ def _compile_tree_function(fn: Callable[..., tuple[Any, ...]], examples: list[tu
 
 
 def _fused_nuts(
-    potential_and_grad: PotentialAndGrad, state: HMCState, generator: torch.Generator, max_tree_depth: int,
-    backend: Backend,
+    potential_and_grad: PotentialAndGrad, state: HMCState, metric: Metric, generator: torch.Generator,
+    max_tree_depth: int, backend: Backend,
 ) -> tuple[Advance, Backend | Literal[False], PotentialAndGrad] | None:
     """NUTS on CPU with its tree bookkeeping compiled by Numba and the potential by ``backend``
     (:class:`~latentkit.inference.kernels.nuts_numba.FusedNuts`); None where Numba is missing or
@@ -432,19 +426,16 @@ def _fused_nuts(
     try:
         from latentkit.inference.kernels.nuts_numba import FusedNuts
 
-        # A throwaway step compiles the kernels (or loads them from Numba's cache) and proves them.
-        FusedNuts(potential_and_grad, init(state.position.clone(), potential_and_grad), max_tree_depth=max_tree_depth
-                  ).advance(torch.Generator().manual_seed(0), identity_metric(state.position, dense=False),
-                            torch.ones_like(state.potential_energy))
+        # A throwaway step compiles the kernels for this metric's kind (or loads them from Numba's
+        # cache) and proves them.
+        FusedNuts(potential_and_grad, state, max_tree_depth=max_tree_depth).advance(
+            torch.Generator().manual_seed(0), metric, torch.ones_like(state.potential_energy))
     except Exception as error:  # noqa: BLE001 - no Numba, or a Numba that cannot compile: stay in PyTorch
         warnings.warn(f"jit: NUTS's Numba kernels are unavailable ({type(error).__name__}: {error}); compiling the "
                       f"whole step with {backend} instead (slower on small models).", stacklevel=3)
         return None
-    probe_generator = torch.Generator().manual_seed(0)
-    probes = [(state.position + scale * torch.randn(state.position.shape, generator=probe_generator,
-                                                    dtype=state.position.dtype),)
-              for scale in COMPILE_CHECK_SCALES[1:]]
-    compiled = compile_function(potential_and_grad, (state.position,), probes=probes, backend=backend,
+    compiled = compile_function(potential_and_grad, (state.position,),
+                                probes=[(point,) for point in points_around(state.position)], backend=backend,
                                 name="the potential")
     potential = compiled if compiled is not None else potential_and_grad
     fused = FusedNuts(potential, state, max_tree_depth=max_tree_depth)

@@ -14,9 +14,26 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from latentkit.inference.kernels.simplify import sink_expands
 
-__all__ = ["Backend", "TensorPacking", "compile_function"]
+__all__ = ["Backend", "TensorPacking", "compile_function", "points_around"]
 
 Backend = Literal["torchscript", "inductor"]
+
+# Distances (in unconstrained units, standard normal directions) from a trace point of the points
+# where a compiled potential or step must reproduce the eager one.
+CHECK_SCALES = (0.0, 0.1, 1.0, 3.0)
+
+
+def points_around(position: torch.Tensor) -> list[torch.Tensor]:
+    """``position`` moved by each of ``CHECK_SCALES`` in fixed random directions (seed 0), for
+    :func:`compile_function`'s probes.
+
+    Example:
+        >>> [tuple(point.shape) for point in points_around(torch.zeros(4, 2))]
+        [(4, 2), (4, 2), (4, 2), (4, 2)]
+    """
+    generator = torch.Generator(device=position.device).manual_seed(0)
+    return [position + scale * torch.randn(position.shape, generator=generator, dtype=position.dtype,
+                                           device=position.device) for scale in CHECK_SCALES]
 
 
 def compile_function(

@@ -19,21 +19,19 @@ __all__ = ["sink_expands"]
 
 aten = torch.ops.aten
 
-# Elementwise operations of one tensor (other arguments Python numbers).
-_UNARY = {
+# Elementwise operations: of one tensor (other arguments Python numbers), of two, and where.
+_ELEMENTWISE = {
     aten.abs.default, aten.exp.default, aten.expm1.default, aten.log.default, aten.log1p.default,
     aten.neg.default, aten.reciprocal.default, aten.rsqrt.default, aten.sigmoid.default, aten.sqrt.default,
     aten.square.default, aten.tanh.default, aten.lgamma.default, aten.digamma.default,
     aten.pow.Tensor_Scalar, aten.mul.Scalar, aten.div.Scalar, aten.add.Scalar, aten.sub.Scalar,
     aten.rsub.Scalar, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
     aten.eq.Scalar, aten.ne.Scalar, aten.ge.Scalar, aten.gt.Scalar, aten.le.Scalar, aten.lt.Scalar,
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.rsub.Tensor,
+    aten.pow.Tensor_Tensor, aten.maximum.default, aten.minimum.default, aten.eq.Tensor, aten.ne.Tensor,
+    aten.ge.Tensor, aten.gt.Tensor, aten.le.Tensor, aten.lt.Tensor, aten.logical_and.default,
+    aten.logical_or.default, aten.where.self,
 }
-# Elementwise operations of two tensors (or a tensor and a number).
-_BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.rsub.Tensor,
-           aten.pow.Tensor_Tensor, aten.maximum.default, aten.minimum.default, aten.eq.Tensor, aten.ne.Tensor,
-           aten.ge.Tensor, aten.gt.Tensor, aten.le.Tensor, aten.lt.Tensor, aten.logical_and.default,
-           aten.logical_or.default, aten.where.self}
-
 
 # In-place operations and their out-of-place forms.
 _OUT_OF_PLACE = {
@@ -79,7 +77,7 @@ def sink_expands(module: fx.GraphModule) -> int:
             node.replace_all_uses_with(replacement)
             graph.erase_node(node)
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _UNARY | _BINARY or _value(node) is None:
+        if node.op != "call_function" or node.target not in _ELEMENTWISE or _value(node) is None:
             continue
         if any(_mutates(user) for user in node.users):  # an in-place update cannot write to an expand
             continue
