@@ -44,8 +44,8 @@ def init_with_values(values: Mapping[str, torch.Tensor], fallback: str = "unifor
         if fallback == "median":
             try:
                 return init_to_median(site)
-            except (NotImplementedError, ValueError, RuntimeError):
-                pass  # ImproperUniform and friends cannot be sampled: use uniform instead
+            except (NotImplementedError, ValueError, RuntimeError):  # ImproperUniform and friends cannot
+                return uniform(site)  # be sampled, so they start where the uniform initialisation puts them
         return uniform(site)
 
     return init
