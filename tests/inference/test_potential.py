@@ -144,3 +144,17 @@ def test_the_jit_option_picks_the_compiler(monkeypatch):
     assert backends == ["torchscript", "torchscript", "inductor", "torchscript", ("hmc", "inductor")]
     with pytest.raises(ConfigError, match="jit: must be one of"):
         lk.fit(eight_schools, SCHOOLS, jit="inducto", **kwargs)
+
+
+def test_logsumexp_reusing_exp_matches_torch_values_gradients_and_infinities():
+    from latentkit.inference.vectorize import logsumexp_reusing_exp
+
+    x = torch.randn(5, 7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    for dim in range(3):
+        ours, theirs = logsumexp_reusing_exp(x, dim), torch.logsumexp(x, dim)
+        torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-13)
+        grads = [torch.autograd.grad(value.sin().sum(), x)[0] for value in (ours, theirs)]
+        torch.testing.assert_close(*grads, rtol=1e-13, atol=1e-13)
+    inf = float("inf")
+    edge = torch.tensor([[-inf, -inf], [1.0, inf], [float("nan"), 0.0], [-inf, 0.5]], dtype=torch.float64)
+    torch.testing.assert_close(logsumexp_reusing_exp(edge, 1), torch.logsumexp(edge, 1), equal_nan=True)

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from latentkit.inference.kernels.simplify import sink_expands
+from latentkit.inference.kernels.simplify import simplify
 
 __all__ = ["Backend", "TensorPacking", "compile_function", "points_around"]
 
@@ -91,7 +91,7 @@ def compile_function(
             # of seconds; if a future torch drops it, the except below keeps us eager.
             warnings.simplefilter("ignore", DeprecationWarning)
             graph = make_fx(lambda *args: fn(*args))(*example)  # any callable: a bound method too
-            sink_expands(graph)
+            simplify(graph)
             if backend == "inductor":
                 compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True,
                                          options={"cpp_wrapper": True})

@@ -15,7 +15,7 @@ on the benchmark mixture (K = 3, N = 1,000, 4 chains): potential and gradient 39
 import torch
 from torch import fx
 
-__all__ = ["sink_expands"]
+__all__ = ["factor_sums", "simplify", "sink_expands"]
 
 aten = torch.ops.aten
 
@@ -113,6 +113,171 @@ def sink_expands(module: fx.GraphModule) -> int:
     graph.eliminate_dead_code()
     module.recompile()
     return rewritten
+
+
+# Operations through which a product is collected: a factor, a sign or a number.
+_PRODUCT = {aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.mul.Scalar, aten.div.Scalar}
+
+
+def simplify(module: fx.GraphModule) -> int:
+    """:func:`sink_expands`, then :func:`factor_sums`; the number of rewrites."""
+    return sink_expands(module) + factor_sums(module)
+
+
+def factor_sums(module: fx.GraphModule) -> int:
+    """Move factors that are constant along a sum's dimensions out of the sum.
+
+    ``sum(x * expand(a) / expand(b) * -2, dims) == sum(x, dims) * a / b * -2`` when ``a`` and
+    ``b`` have size 1 along ``dims``: autograd's gradient of a parameter broadcast over the data
+    (a scale per chain and component, used by ``N`` points) is such a sum of a product, and the
+    rewrite leaves one large multiplication where there were one per factor. A sum of a sum or
+    difference of such products is split first when that lets factors out. Products are
+    collected through ``mul``, ``div`` (numerators), ``neg`` and multiplications by numbers, and
+    only through operations nothing else reads. Rewritten in place; the caller checks the result.
+
+    Returns:
+        The number of sums rewritten.
+
+    Example:
+        >>> from torch.fx.experimental.proxy_tensor import make_fx
+        >>> module = make_fx(lambda x, s: (-(x * s.expand(4, 1000))).sum([1]))(torch.ones(4, 1000), torch.ones(4, 1))
+        >>> factor_sums(module)
+        1
+        >>> [str(node.target) for node in module.graph.nodes if node.op == "call_function"]
+        ['aten.sum.dim_IntList', 'aten.mul.Tensor', 'aten.mul.Scalar', 'aten.squeeze.dims']
+    """
+    graph = module.graph
+    rewritten = 0
+    work = [node for node in graph.nodes if _sum_dims(node) is not None]
+    while work:
+        node = work.pop()
+        dims = _sum_dims(node)
+        if dims is None or not node.users and node is not graph.output_node():
+            continue
+        summed = node.args[0]
+        keepdim = node.target is aten.sum.dim_IntList and len(node.args) > 2 and node.args[2]
+        if _splits(summed, dims):
+            with graph.inserting_before(node):
+                left, right = (_call(graph, aten.sum.dim_IntList, (arg, dims, True)) for arg in summed.args[:2])
+                result = _keep(graph, _call(graph, summed.target, (left, right)), dims, keepdim)
+            work += [left, right]
+        else:
+            product = _product(summed, dims)
+            if product is None:
+                continue
+            inner, outer, coefficient = product
+            with graph.inserting_before(node):
+                result = inner[0][0]
+                for factor, power in inner[1:]:
+                    result = _call(graph, aten.mul.Tensor if power > 0 else aten.div.Tensor, (result, factor))
+                result = _call(graph, aten.sum.dim_IntList, (result, dims, True))
+                for factor, power in outer:
+                    result = _call(graph, aten.mul.Tensor if power > 0 else aten.div.Tensor, (result, factor))
+                if coefficient != 1:
+                    result = _call(graph, aten.mul.Scalar, (result, coefficient))
+                kept = [1 if d in dims else size for d, size in enumerate(_value(summed).shape)]
+                if list(_value(result).shape) != kept:
+                    result = _call(graph, aten.expand.default, (result, kept))
+                result = _keep(graph, result, dims, keepdim)
+        node.replace_all_uses_with(result)
+        graph.erase_node(node)
+        if not summed.users:  # a split sum's operands are read by the new sums only
+            graph.erase_node(summed)
+        rewritten += 1
+    graph.eliminate_dead_code()
+    module.recompile()
+    return rewritten
+
+
+def _sum_dims(node: fx.Node) -> list[int] | None:
+    """The (non-negative) dimensions a plain floating-point ``sum`` node reduces, else None."""
+    if node.op != "call_function" or node.kwargs or _value(node) is None:
+        return None
+    if node.target is aten.sum.default and len(node.args) == 1:
+        value = _value(node.args[0])
+        return list(range(value.dim())) if value is not None and value.is_floating_point() else None
+    if node.target is not aten.sum.dim_IntList or len(node.args) < 2 or not node.args[1]:
+        return None
+    value = _value(node.args[0])
+    if value is None or not value.is_floating_point() or value.dim() == 0:
+        return None
+    return sorted({d % value.dim() for d in node.args[1]})
+
+
+def _keep(graph: fx.Graph, node: fx.Node, dims: list[int], keepdim: bool) -> fx.Node:
+    return node if keepdim else _call(graph, aten.squeeze.dims, (node, dims))
+
+
+def _call(graph: fx.Graph, target: object, args: tuple[object, ...]) -> fx.Node:
+    """A new node computing ``target(*args)``, its shape and dtype recorded for later passes."""
+    node = graph.call_function(target, args)
+    node.meta["val"] = target(*(_meta(arg) for arg in args))
+    return node
+
+
+def _private(node: object, like: torch.Tensor) -> bool:
+    """Whether ``node`` is an operation only one other node reads, shaped and typed like ``like``."""
+    value = _value(node)
+    return (node.op == "call_function" and len(node.users) == 1 and value is not None
+            and value.shape == like.shape and value.dtype == like.dtype)
+
+
+def _splits(node: object, dims: list[int]) -> bool:
+    """Whether ``sum(node, dims)`` is worth writing as the sum or difference of two sums."""
+    value = _value(node)
+    if value is None or node.target not in (aten.add.Tensor, aten.sub.Tensor) or node.kwargs \
+            or len(node.args) != 2 or len(node.users) != 1:
+        return False
+    if not all(isinstance(arg, fx.Node) and _value(arg) is not None and _value(arg).shape == value.shape
+               and _value(arg).dtype == value.dtype for arg in node.args):
+        return False
+    return any(_splits(arg, dims) or _product(arg, dims) is not None for arg in node.args)
+
+
+def _product(node: object, dims: list[int]) -> tuple[list, list, float] | None:
+    """``node`` as (factors varying along ``dims``, factors constant along them, a number), each
+    factor a (node, +1 or -1) pair, where taking the constant ones and the number out of
+    ``sum(node, dims)`` saves work; else None."""
+    value = _value(node)
+    if value is None or not isinstance(node, fx.Node) or len(node.users) != 1:
+        return None
+    factors: list[tuple[fx.Node, int]] = []
+    coefficient = 1.0
+
+    def collect(part: fx.Node, power: int) -> None:
+        nonlocal coefficient
+        if power > 0 and (part is node or _private(part, value)) and part.target in _PRODUCT and not part.kwargs:
+            if part.target is aten.neg.default:
+                coefficient = -coefficient
+                collect(part.args[0], power)
+                return
+            first, second = part.args[:2] if len(part.args) > 1 else (part.args[0], None)
+            if isinstance(first, fx.Node) and isinstance(second, fx.Node) and _value(first).dtype == value.dtype \
+                    and _value(second).dtype == value.dtype:
+                collect(first, power)
+                collect(second, power if part.target is aten.mul.Tensor else -power)
+                return
+            if isinstance(first, fx.Node) and isinstance(second, int | float) and not isinstance(second, bool):
+                multiplies = part.target in (aten.mul.Scalar, aten.mul.Tensor)
+                coefficient = coefficient * second if multiplies else coefficient / second
+                collect(first, power)
+                return
+        factors.append((part, power))
+
+    collect(node, 1)
+    inner, outer = [], []
+    for factor, power in factors:
+        source = _unexpanded(factor)
+        shape = _value(source).shape
+        padded = (1,) * (value.dim() - len(shape)) + tuple(shape)
+        constant = len(shape) <= value.dim() and all(padded[d] == 1 for d in dims)
+        (outer if constant else inner).append((source if constant else factor, power))
+    if not inner or inner[0][1] < 0 or (not outer and coefficient == 1):
+        return None
+    shape = torch.broadcast_shapes(*(_value(factor).shape for factor, _ in inner))
+    if len(shape) != value.dim() or any(shape[d] != value.shape[d] for d in dims):
+        return None  # the varying factors alone are broadcast along a summed dimension
+    return inner, outer, coefficient
 
 
 def _owns_memory(node: fx.Node) -> bool:

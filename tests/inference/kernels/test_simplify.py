@@ -3,7 +3,7 @@
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from latentkit.inference.kernels.simplify import sink_expands
+from latentkit.inference.kernels.simplify import factor_sums, sink_expands
 
 
 def broadcast_log_density(loc, scale, y):
@@ -56,3 +56,42 @@ def test_in_place_updates_become_out_of_place_only_where_nothing_else_sees_them(
     assert torch.ops.aten.clamp.default in targets and torch.ops.aten.clamp_.default in targets
     for expected, actual in zip(updates(x.clone()), module(x.clone()), strict=True):
         torch.testing.assert_close(actual, expected)
+
+
+def scale_gradient(x, s, t):
+    """Sums of products with factors broadcast along the summed dimension, as autograd writes them."""
+    big_s, big_t = s.expand(4, 1000), t.expand(4, 1000)
+    product = -(x * big_s) / big_t * 2.0
+    shared = x * big_s  # read twice: must stay
+    return (product.sum([1]), (x * x + x * big_t).sum([1], keepdim=True), (x * 3.0).sum(), shared.sum([1]),
+            shared, (x * big_s).sum([1], dtype=torch.float64))
+
+
+def test_factor_sums_takes_broadcast_factors_out_of_sums():
+    args = (torch.randn(4, 1000), torch.rand(4, 1) + 0.5, torch.rand(4, 1) + 0.5)
+    module = make_fx(scale_gradient)(*args)
+
+    def large_products():
+        return sum(1 for node in module.graph.nodes if node.op == "call_function"
+                   and node.target in (torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor, torch.ops.aten.neg.default,
+                                       torch.ops.aten.mul.Scalar)
+                   and node.meta["val"].numel() >= 1000)
+
+    before = large_products()
+    # The first product, the second's split sum, the full sum; the twice-read product and the
+    # sum with a dtype stay.
+    assert factor_sums(module) == 4
+    assert large_products() == before - 6  # the first product's four, x * big_t, x * 3
+    for trial in range(3):
+        point = tuple(arg + 0.1 * trial for arg in args)
+        for expected, actual in zip(scale_gradient(*point), module(*point), strict=True):
+            assert actual.shape == expected.shape and actual.dtype == expected.dtype
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_factor_sums_keeps_factors_that_vary_along_the_sum():
+    def varying(x, y):
+        return ((x * y.expand(4, 1000)).sum([1]),)  # y varies along the summed dimension
+
+    module = make_fx(varying)(torch.randn(4, 1000), torch.randn(1, 1000))
+    assert factor_sums(module) == 0
