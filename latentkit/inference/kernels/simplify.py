@@ -152,7 +152,7 @@ def factor_sums(module: fx.GraphModule) -> int:
     while work:
         node = work.pop()
         dims = _sum_dims(node)
-        if dims is None or not node.users and node is not graph.output_node():
+        if dims is None or not node.users:
             continue
         summed = node.args[0]
         keepdim = node.target is aten.sum.dim_IntList and len(node.args) > 2 and node.args[2]
