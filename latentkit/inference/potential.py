@@ -62,10 +62,11 @@ class Potential:
         :func:`~latentkit.inference.kernels.compile.compile_function` records one evaluation,
         forward and backward pass together (no autograd at run time), checked against the model
         at ``z`` and at points around it
-        (:func:`~latentkit.inference.kernels.compile.points_around`). Per call on eight schools
-        (4 chains, one thread): 0.10 ms with TorchScript against 0.83 ms through the Pyro model;
-        with inductor (opt-in, 6-50 s to compile): HMM T=1000 0.54 vs 1.5 ms, logistic
-        N=10k 0.41 vs 0.61 ms, mixture N=1000 0.57 vs 0.64 ms, eight schools 0.04 vs 0.10 ms.
+        (:func:`~latentkit.inference.kernels.compile.points_around`). Per call (4 chains, one
+        thread, float64), TorchScript against inductor (opt-in; 7-15 s to compile the first time,
+        1-3 s from its cache): eight schools 0.07 vs 0.04 ms (0.83 ms through the Pyro model),
+        mixture N=1000 0.25 vs 0.08 ms, HMM T=1000 1.2 vs 0.53 ms; logistic regression N=10k,
+        whose ``X @ beta`` runs chain by chain, 0.53 ms with TorchScript.
 
         Args:
             z: the points to trace at; later calls with this shape use the compiled potential.

@@ -1,4 +1,4 @@
-"""Rewrite a recorded aten graph so that elementwise work is done on unbroadcast tensors.
+"""Rewrite a recorded aten graph so that it does less work on large tensors.
 
 Pyro's distributions broadcast their parameters to the batch shape before computing
 (``broadcast_all``): in a mixture of ``K`` components over ``N`` points and ``C`` chains,
@@ -6,10 +6,14 @@ Pyro's distributions broadcast their parameters to the batch shape before comput
 copies of ``C`` numbers, and autograd's backward does the same. In a recorded graph (``make_fx``)
 the broadcast is an explicit ``expand``, and an elementwise operation commutes with it:
 ``log(expand(s)) == expand(log(s))``. :func:`sink_expands` moves expands after such operations,
-so they run on the small tensors; TorchScript's freezing passes do not do this rewrite. In-place
-updates of fresh tensors (autograd's ``clamp`` backward builds its mask with ``logical_and_``)
-are made out-of-place first, so that the operations before them can be rewritten too. Measured
-on the benchmark mixture (K = 3, N = 1,000, 4 chains): potential and gradient 390 -> 265 us.
+so they run on the small tensors; :func:`factor_sums` takes factors that are constant along a
+sum's dimensions out of the sum (autograd's gradient of a broadcast parameter is such a sum).
+TorchScript's freezing passes do neither. In-place updates of fresh tensors (autograd's
+``clamp`` backward builds its mask with ``logical_and_``) are made out-of-place first, so that
+the operations before them can be rewritten too. Measured on the benchmark mixture (K = 3,
+N = 1,000, 4 chains, potential and gradient): 390 -> 265 us with :func:`sink_expands`, large
+operations 39 -> 23 and 257 -> 250 us with :func:`factor_sums` too (what remains is mostly the
+~0.5 us each of ~250 operations on small tensors).
 """
 
 import torch
