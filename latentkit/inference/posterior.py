@@ -9,6 +9,7 @@ the posterior predictive.
 from typing import Any
 
 import numpy as np
+import pyro
 import torch
 
 from latentkit.inference.result import Result
@@ -42,7 +43,9 @@ def complete_result(
     flat = {k: v.reshape((num_chains * num_draws,) + v.shape[2:]) for k, v in samples.items()}
     parts: dict[str, list[dict[str, torch.Tensor]]] = {"post": [], "ll": [], "pp": []}
     total = num_chains * num_draws
-    with torch.no_grad():
+    # The model and data were validated when bound; checks of each value would also keep
+    # torch.func.vmap (BatchedModel's path for models that do not broadcast) from running.
+    with torch.no_grad(), pyro.validation_enabled(False):
         for start in range(0, total, CHUNK):
             chunk = {k: v[start:start + CHUNK] for k, v in flat.items()}
             extra = batched.discrete_and_deterministic(chunk)

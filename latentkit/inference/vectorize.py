@@ -5,10 +5,14 @@ MCMC chain at every leapfrog step, and log-likelihoods, discrete states and pred
 each posterior draw afterwards. :class:`BatchedModel` does this in one model call by wrapping the
 model in a plate over the values (``dim = -max_plate_nesting - 1``), exactly as Pyro's
 ``Predictive(parallel=True)`` does, with enumeration dimensions further left. Models whose code
-does not broadcast over an extra batch dimension (e.g. ``X @ beta``) are detected once and then
-run one value at a time, with the same results.
+does not broadcast over an extra batch dimension (e.g. ``X @ beta``) are detected once; their
+potential is then recorded one value at a time (compiled, that is the fastest form), and the
+posterior's log-likelihoods, discrete sites and predictive draws are computed with
+``torch.func.vmap`` where it gives the same log density as the model run one value at a time,
+else one value at a time.
 """
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,7 +30,13 @@ from latentkit.inference.target import Target
 __all__ = ["BatchedModel"]
 
 Values = dict[str, torch.Tensor]
+Run = Callable[[Values, int | None], dict[str, torch.Tensor]]
 BATCH_PLATE = "_batch"
+# Values per vmap call times the size of the largest observed site. vmap's tensors are that many
+# times larger than one value's; past a few MB, first touches of fresh memory cost more than the
+# Python overhead vmap saves (logistic regression, 10,000 points: 500 values per call 0.21 s,
+# 26 per call 0.10 s, one at a time 0.18 s; 100 points, 500 per call: 0.004 s against 0.10 s).
+VMAP_ELEMENTS = 2**18
 
 
 def _common_scale(scales: list[Any]) -> Any:
@@ -165,6 +175,10 @@ class BatchedModel:
         self.target = target
         self.nesting = target.max_plate_nesting
         self.vectorized = vectorized
+        # Whether torch.func.vmap reproduces the one-at-a-time log density (None: not yet tried),
+        # and the runs where it failed anyway.
+        self.vmaps: bool | None = None
+        self._vmap_failed: set[str] = set()
 
     # -- shapes ------------------------------------------------------------------------------
     def _batch_shape(self, name: str, size: int) -> tuple[int, ...]:
@@ -192,18 +206,43 @@ class BatchedModel:
 
         return batched
 
-    def _map(
-        self, values: Values, run: Callable[[Values, int | None], dict[str, torch.Tensor]]
-    ) -> dict[str, torch.Tensor]:
-        """Apply ``run`` to all values at once, or to each value in turn when not vectorized."""
+    def _map(self, values: Values, run: Run, vmap: str | None = None) -> dict[str, torch.Tensor]:
+        """Apply ``run`` to all values at once, or, when the model does not broadcast over them,
+        through ``torch.func.vmap`` (``vmap`` names the run; None: never) or to each in turn."""
         size = next(iter(values.values())).shape[0] if values else 1
         if self.vectorized is None:
             self.check_vectorization(values)
         # A batch plate of size 1 is broadcast away in enumerated terms; one value needs no plate.
         if self.vectorized and size > 1:
             return run(self._expand(values), size)
+        if vmap is not None and size > 1 and vmap not in self._vmap_failed and self.check_vmap(values):
+            try:
+                return self._vmapped(values, run)
+            except Exception:  # noqa: BLE001 - an operation vmap cannot batch: one value at a time
+                self._vmap_failed.add(vmap)
+        return self._one_at_a_time(values, run)
+
+    @staticmethod
+    def _one_at_a_time(values: Values, run: Run) -> dict[str, torch.Tensor]:
+        size = next(iter(values.values())).shape[0] if values else 1
         parts = [run({k: v[i] for k, v in values.items()}, None) for i in range(size)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _vmapped(self, values: Values, run: Run) -> dict[str, torch.Tensor]:
+        """``run`` of one value, vectorized by ``torch.func.vmap`` (random draws independent per
+        value) in calls of at most ``VMAP_ELEMENTS`` / (largest observed site's size) values."""
+        size = next(iter(values.values())).shape[0]
+        largest = max((value.numel() for value in self.target.observed.values()), default=1)
+        step = max(1, VMAP_ELEMENTS // max(largest, 1))
+        batched = torch.func.vmap(lambda vals: run(vals, None), randomness="different")
+        pieces = []
+        for start in range(0, size, step):
+            with warnings.catch_warnings():
+                # vmap runs an operation without a batching rule value by value: still correct.
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                out = batched({k: v[start:start + step] for k, v in values.items()})
+            pieces.append({k: v.flatten(0, 1) for k, v in out.items()})  # (values, 1, ...) -> (values, ...)
+        return {k: torch.cat([piece[k] for piece in pieces]) for k in pieces[0]}
 
     def _enum(self, model: Callable[..., Any]) -> Callable[..., Any]:
         if not self.target.has_enumeration:
@@ -213,14 +252,14 @@ class BatchedModel:
     # -- what engines ask for ----------------------------------------------------------------------
     def log_density(self, values: Values) -> torch.Tensor:
         """Log joint density of latent values and data, discrete sites summed out. Shape (B,)."""
-        def run(vals: Values, size: int | None) -> dict[str, torch.Tensor]:
-            model = self._enum(poutine.condition(self._model(size), vals))
-            trace = poutine.trace(model).get_trace(**self.target.kwargs)
-            keep = [BATCH_PLATE] if size is not None else []
-            lp = log_marginal(trace, keep, include=lambda name: not name.startswith("_"))
-            return {"lp": lp.reshape(-1).expand(size or 1)}
+        return self._map(values, self._log_density)["lp"]
 
-        return self._map(values, run)["lp"]
+    def _log_density(self, vals: Values, size: int | None) -> dict[str, torch.Tensor]:
+        model = self._enum(poutine.condition(self._model(size), vals))
+        trace = poutine.trace(model).get_trace(**self.target.kwargs)
+        keep = [BATCH_PLATE] if size is not None else []
+        lp = log_marginal(trace, keep, include=lambda name: not name.startswith("_"))
+        return {"lp": lp.reshape(-1).expand(size or 1)}
 
     def discrete_and_deterministic(self, values: Values, temperature: int = 1) -> Values:
         """Sample (temperature=1) or maximise (0) the enumerated sites given the latent values,
@@ -236,7 +275,7 @@ class BatchedModel:
             trace = poutine.trace(model).get_trace(**self.target.kwargs)
             return {k: self._collapse(k, trace.nodes[k]["value"], size or 1) for k in wanted}
 
-        return self._map(values, run) if wanted else {}
+        return self._map(values, run, vmap="discrete") if wanted else {}
 
     def pointwise_log_likelihood(self, values: Values) -> Values:
         """Log-likelihood of each observation given the latent values, discrete sites summed out.
@@ -260,7 +299,7 @@ class BatchedModel:
                 out[name] = lp.expand(full).reshape((size or 1,) + site.batch_shape)
             return out
 
-        return self._map(values, run)
+        return self._map(values, run, vmap="log_likelihood")
 
     def predictive(self, values: Values) -> Values:
         """New draws of the observed sites given all latent values (continuous and discrete)."""
@@ -271,7 +310,7 @@ class BatchedModel:
             trace = poutine.trace(model).get_trace(**self.target.kwargs)
             return {k: self._collapse(k, trace.nodes[k]["value"], size or 1) for k in observed}
 
-        return self._map(values, run)
+        return self._map(values, run, vmap="predictive")
 
     # -- choosing the mode ---------------------------------------------------------------------------
     def check_vectorization(self, values: Values) -> bool:
@@ -289,3 +328,17 @@ class BatchedModel:
             ok = False
         self.vectorized = bool(ok)
         return self.vectorized
+
+    def check_vmap(self, values: Values) -> bool:
+        """Whether ``torch.func.vmap`` of the model run one value at a time gives the same log
+        density on the first two of ``values``; decided once."""
+        if self.vmaps is None:
+            probe = {k: v[:2] for k, v in values.items()}
+            expected = self._one_at_a_time(probe, self._log_density)["lp"]
+            try:
+                actual = self._vmapped(probe, self._log_density)["lp"]
+                self.vmaps = actual.shape == expected.shape and bool(torch.allclose(
+                    actual, expected, rtol=1e-5, atol=1e-5 * (1 + expected.abs().max().item()), equal_nan=True))
+            except Exception:  # noqa: BLE001 - any failure means: one value at a time
+                self.vmaps = False
+        return self.vmaps

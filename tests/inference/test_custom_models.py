@@ -141,6 +141,54 @@ def test_vectorized_and_sequential_agree():
     assert BatchedModel(target).check_vectorization(values)
 
 
+def _regression(X, y=None, read_alpha=False):
+    """Logistic regression written as users do: ``X @ beta`` does not broadcast over a batch.
+    ``read_alpha``: a Python branch on a latent value, which vmap cannot run."""
+    beta = pyro.sample("beta", dist.Normal(0.0, 1.0).expand([X.shape[-1]]).to_event(1))
+    alpha = pyro.sample("alpha", dist.Normal(0.0, 2.0))
+    if read_alpha and float(alpha) > 1e9:
+        raise ValueError("unreachable")
+    with pyro.plate("data", X.shape[0]):
+        pyro.sample("y", dist.Bernoulli(logits=alpha + X @ beta), obs=y)
+
+
+def _regression_data():
+    rng = np.random.default_rng(0)
+    return {"X": rng.normal(size=(30, 3)), "y": (rng.random(30) < 0.5).astype(float)}
+
+
+def test_a_model_that_does_not_broadcast_is_vmapped_where_vmap_agrees(monkeypatch):
+    data = _regression_data()
+    target = bind(_regression, data)
+    values = {"beta": torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), "alpha": torch.linspace(-1, 1, 5)}
+    logits = values["alpha"][:, None] + values["beta"] @ torch.as_tensor(data["X"]).T  # (5, 30)
+    exact = dist.Bernoulli(logits=logits).log_prob(torch.as_tensor(data["y"]))
+    monkeypatch.setattr("latentkit.inference.vectorize.VMAP_ELEMENTS", 60)  # two values per vmap call
+    batched = BatchedModel(target)
+    with pyro.validation_enabled(False):
+        torch.testing.assert_close(batched.pointwise_log_likelihood(values)["y"], exact)
+        assert (batched.vectorized, batched.vmaps) == (False, True)
+        # vmap's independent draws come from the generator as the one-at-a-time draws do.
+        one_at_a_time = BatchedModel(target, vectorized=False)
+        one_at_a_time.vmaps = False
+        draws = []
+        for model in (batched, one_at_a_time):
+            torch.manual_seed(3)
+            draws.append(model.predictive(values)["y"])
+    assert draws[0].shape == (5, 30) and torch.equal(*draws)
+
+
+def test_a_model_vmap_cannot_run_is_evaluated_one_value_at_a_time():
+    data = _regression_data()
+    values = {"beta": torch.zeros(3, 3), "alpha": torch.tensor([0.0, 1.0, 2.0])}
+    batched = BatchedModel(bind(lambda X, y=None: _regression(X, y, read_alpha=True), data))
+    with pyro.validation_enabled(False):
+        log_likelihood = batched.pointwise_log_likelihood(values)["y"]
+    assert (batched.vectorized, batched.vmaps) == (False, False)
+    expected = dist.Bernoulli(logits=values["alpha"][:, None].expand(3, 30)).log_prob(torch.as_tensor(data["y"]))
+    torch.testing.assert_close(log_likelihood, expected)
+
+
 def test_model_that_raises_is_reported():
     def broken(y):
         raise KeyError("boom")
