@@ -142,6 +142,13 @@ def logsumexp_reusing_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
     return (x - m).exp().sum(dim).log() + m.squeeze(dim)
 
 
+def _same_log_density(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal shapes and values up to float32 rounding of the largest finite magnitude; NaNs alike."""
+    scale = 1 + torch.nan_to_num(expected, nan=0.0, posinf=0.0, neginf=0.0).abs().max().item()
+    return actual.shape == expected.shape and bool(
+        torch.allclose(actual, expected, rtol=1e-5, atol=1e-5 * scale, equal_nan=True))
+
+
 class _Resample(Messenger):
     """Sample the named observed sites afresh.
 
@@ -321,9 +328,7 @@ class BatchedModel:
         try:
             self.vectorized = True
             batched = self.log_density(values)
-            ok = batched.shape == sequential.shape and torch.allclose(
-                batched, sequential, rtol=1e-5, atol=1e-5 * (1 + sequential.abs().max().item())
-            )
+            ok = _same_log_density(batched, sequential)
         except Exception:  # noqa: BLE001 - any failure means the model does not broadcast
             ok = False
         self.vectorized = bool(ok)
@@ -336,9 +341,7 @@ class BatchedModel:
             probe = {k: v[:2] for k, v in values.items()}
             expected = self._one_at_a_time(probe, self._log_density)["lp"]
             try:
-                actual = self._vmapped(probe, self._log_density)["lp"]
-                self.vmaps = actual.shape == expected.shape and bool(torch.allclose(
-                    actual, expected, rtol=1e-5, atol=1e-5 * (1 + expected.abs().max().item()), equal_nan=True))
+                self.vmaps = _same_log_density(self._vmapped(probe, self._log_density)["lp"], expected)
             except Exception:  # noqa: BLE001 - any failure means: one value at a time
                 self.vmaps = False
         return self.vmaps
