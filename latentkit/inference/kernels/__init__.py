@@ -4,8 +4,8 @@ Each kernel follows one protocol: ``init(position, potential_and_grad) -> HMCSta
 ``step(generator, state, ...) -> (HMCState, Info)``, batched over a leading chain dimension;
 NUTS also works one leapfrog step at a time (:func:`nuts.advance`), so that chains need not wait
 for each other. :func:`run_chains` drives warm-up and sampling; :mod:`.compile` turns a step or a
-potential into one graph, and :mod:`.nuts_numba` runs NUTS's tree bookkeeping as compiled loops on
-CPU.
+potential into one graph, :mod:`.nuts_numba` runs NUTS's tree bookkeeping as compiled loops on
+CPU, and :mod:`.discrete_hmm` sums out the states of Pyro's ``DiscreteHMM`` in one such loop.
 """
 
 from latentkit.inference.kernels import adaptation, compile, hmc, integrators, metrics, nuts, simplify

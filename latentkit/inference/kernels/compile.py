@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from latentkit.inference.kernels.discrete_hmm import recording_kernels
 from latentkit.inference.kernels.simplify import simplify
 
 __all__ = ["Backend", "TensorPacking", "compile_function", "points_around"]
@@ -48,7 +49,9 @@ def compile_function(
 
     ``make_fx`` records the aten operations of one call of ``fn`` (autograd included: a
     gradient becomes plain operations; Python bookkeeping such as packing arguments into named
-    tuples costs nothing at run time), and ``backend`` runs that graph:
+    tuples costs nothing at run time; Pyro's HMMs sum out their states with the fused kernel of
+    :func:`~latentkit.inference.kernels.discrete_hmm.recording_kernels`), and ``backend``
+    runs that graph:
 
     - ``"torchscript"``: ``torch.jit.trace`` + ``freeze``, run by TorchScript's Static Runtime
       (its interpreter where that cannot take the graph); compiles in about 0.1 s, then runs each
@@ -90,7 +93,8 @@ def compile_function(
             # that runs a graph without per-operation Python overhead and without a compile step
             # of seconds; if a future torch drops it, the except below keeps us eager.
             warnings.simplefilter("ignore", DeprecationWarning)
-            graph = make_fx(lambda *args: fn(*args))(*example)  # any callable: a bound method too
+            with recording_kernels():
+                graph = make_fx(lambda *args: fn(*args))(*example)  # any callable: a bound method too
             simplify(graph)
             if backend == "inductor":
                 compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True,
