@@ -105,7 +105,8 @@ def compile_function(
                     compiled = _static_runtime(compiled)
             checks = [example, *probes]
             fast = [compiled(*args) for args in checks]  # inductor compiles here
-        eager = [fn(*args) for args in checks]
+        with recording_kernels():  # the recording is checked; the kernels, against Pyro, by their tests
+            eager = [fn(*args) for args in checks]
     except Exception as error:  # noqa: BLE001 - any compilation failure means: stay eager
         warnings.warn(f"jit: tracing {name} failed ({backend}, {type(error).__name__}: {error}); running it "
                       "eagerly (slower, always correct).", stacklevel=3)

@@ -6,7 +6,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from latentkit.inference.kernels.compile import compile_function
-from latentkit.inference.kernels.discrete_hmm import log_transition_product, recording_kernels
+from latentkit.inference.kernels.discrete_hmm import forward_log_likelihood, recording_kernels
 
 
 def hmm_log_prob(init, trans, locs, y, *, fused):
@@ -38,81 +38,73 @@ def test_equals_pyros_discrete_hmm_in_value_and_gradient(init_shape, trans_shape
         torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
 
 
-@np.errstate(invalid="ignore", divide="ignore")  # log(0) and -inf - (-inf): impossible paths
-def _longdouble_reference(trans, obs, grad_out):
-    """log(prod_t exp(trans + obs[t, None, :])) (K, K) and the gradient of sum(grad_out * it) by
-    obs (T, K), in 80-bit log space: a sequential forward-backward sharing no code with either
-    implementation."""
-    trans, obs, grad_out = (x.numpy().astype(np.longdouble) for x in (trans, obs, grad_out))
-    steps = trans[None] + obs[:, None, :]  # (T, K, K)
+@np.errstate(divide="ignore", invalid="ignore")  # log(0) and -inf - (-inf): impossible paths
+def _longdouble_reference(initial, trans, obs):
+    """log p(x) and its gradients by ``initial`` (K,) and ``obs`` (T, K) for one transition matrix
+    ``trans`` (K, K), by the forward-backward algorithm in 80-bit log space: a reference sharing
+    no code with either implementation."""
+    initial, trans, obs = (x.numpy().astype(np.longdouble) for x in (initial, trans, obs))
 
     def logsumexp(x, axis):
         top = x.max(axis=axis, keepdims=True)
         top = np.where(np.isfinite(top), top, 0.0)
         return (top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))).squeeze(axis)
 
-    eye = np.where(np.eye(trans.shape[-1]) > 0, 0.0, -np.inf).astype(np.longdouble)
-    before, after = [eye], [eye]
-    for step in steps:
-        before.append(logsumexp(before[-1][:, :, None] + step[None], 1))
-    for step in steps[::-1]:
-        after.append(logsumexp(step[:, :, None] + after[-1][None], 1))
-    after = after[::-1]  # after[t]: the product of steps t, ..., T-1
-    out = before[-1]
-    grad_obs = np.zeros(obs.shape, dtype=np.longdouble)
-    for t, step in enumerate(steps):
-        # d out[a, b] / d step[i, j] = exp(before[a, i] + step[i, j] + after[j, b] - out[a, b])
-        weight = np.exp(before[t][:, :, None, None] + step[None, :, :, None] + after[t + 1][None, None]
-                        - out[:, None, None, :])
-        grad_obs[t] = (grad_out[:, None, None, :] * weight).sum((0, 1, 3))
-    return out, grad_obs
+    alpha, beta = [initial], [np.zeros_like(initial)]
+    for step in obs:
+        alpha.append(logsumexp(alpha[-1][:, None] + trans + step[None, :], 0))
+    for step in obs[::-1]:
+        beta.append(logsumexp(trans + step[None, :] + beta[-1][None, :], 1))
+    beta = beta[::-1]  # beta[t]: log p(x_t, ..., x_{T-1} | state before step t)
+    log_p = logsumexp(alpha[-1], 0)
+    grad_obs = np.stack([np.exp(alpha[t][:, None] + trans + step[None, :] + beta[t + 1][None, :] - log_p).sum(0)
+                         for t, step in enumerate(obs)])
+    return log_p, np.exp(initial + beta[0] - log_p), grad_obs
 
 
 @pytest.mark.parametrize("obs_scale", [1.0, 1e-3])
 def test_accurate_where_the_logits_are_huge(obs_scale):
     # Observations 1,000 sds from a state's mean (obs_scale 1e-3) give logits near -5e5 and a
-    # potential near 1e8, as at NUTS's first steps: the product and its gradient must still be
-    # as accurate as float64 allows, which needs the shifts to cancel exactly.
+    # log-likelihood near -1e8, as at NUTS's first steps: the gradient must stay as accurate as
+    # float64 allows, which needs the shifts to cancel exactly.
     generator = torch.Generator().manual_seed(1)
+    initial = torch.tensor([0.3, 0.7], dtype=torch.float64).log().requires_grad_()
     trans = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64).log()
     y = torch.randn(500, generator=generator, dtype=torch.float64)
     obs = dist.Normal(torch.tensor([-1.0, 1.0], dtype=torch.float64), obs_scale).log_prob(y[:, None])
     obs.requires_grad_()
-    out = log_transition_product(trans, obs)
-    grad_out = torch.softmax(out.detach().flatten(), 0).reshape(2, 2)  # as DiscreteHMM's log-sum-exps pass it
-    (grad_obs,) = torch.autograd.grad((out * grad_out).sum(), obs)
-    expected_out, expected_grad = _longdouble_reference(trans, obs.detach(), grad_out)
-    # Entries below e^-700 times their row's largest are 0 (documented): they vanish in any HMM's
-    # log-likelihood; the others are exact.
-    expected_out = expected_out.astype(np.float64)
-    kept = expected_out - expected_out.max(-1, keepdims=True) > -700
-    np.testing.assert_allclose(out.detach().numpy()[kept], expected_out[kept], rtol=1e-13)
-    assert (out.detach().numpy()[~kept] == -np.inf).all()
+    log_p = forward_log_likelihood(initial, trans, obs)
+    grad_initial, grad_obs = torch.autograd.grad(log_p, (initial, obs))
+    expected, expected_initial, expected_obs = _longdouble_reference(initial.detach(), trans, obs.detach())
+    np.testing.assert_allclose(log_p.item(), float(expected), rtol=1e-14)
     # The reference's exponents are differences of sums near 1e8 (80-bit rounding: ~1e-11 of a
-    # weight); an identity checks the kernel more tightly: with grad_out summing to 1 (as from a
-    # log-sum-exp), the gradient by obs[t] holds the posterior probabilities of the states at t.
-    np.testing.assert_allclose(grad_obs.numpy(), expected_grad.astype(np.float64), rtol=0,
-                               atol=1e-9 * float(np.abs(expected_grad).max()))
+    # weight); an identity checks the kernel more tightly: the gradients by initial and by each
+    # obs[t] are posterior probabilities of the states, so each sums to 1.
+    np.testing.assert_allclose(grad_initial.numpy(), expected_initial.astype(np.float64), atol=1e-10)
+    np.testing.assert_allclose(grad_obs.numpy(), expected_obs.astype(np.float64), atol=1e-10)
     torch.testing.assert_close(grad_obs.sum(-1), torch.ones(500, dtype=torch.float64), rtol=0, atol=1e-13)
+    torch.testing.assert_close(grad_initial.sum(), torch.tensor(1.0, dtype=torch.float64), rtol=0, atol=1e-13)
 
 
 def test_forbidden_transitions_and_nan():
-    # -inf transition logits (impossible moves) stay exact; a NaN observation gives NaN.
-    trans = torch.tensor([[0.0, 0.0], [-float("inf"), 0.0]], dtype=torch.float64)
+    # -inf transition logits (impossible moves) and an impossible initial state stay exact; a
+    # NaN observation gives NaN.
+    initial = torch.tensor([0.0, -float("inf")], dtype=torch.float64)
+    trans = torch.tensor([[-float("inf"), 0.0], [0.0, -float("inf")]], dtype=torch.float64)  # alternate
     obs = torch.randn(6, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    expected, _ = _longdouble_reference(trans, obs, torch.zeros(2, 2))
-    np.testing.assert_allclose(log_transition_product(trans, obs).numpy(), expected.astype(np.float64), rtol=1e-13)
-    assert log_transition_product(trans, obs).exp()[1, 0] == 0.0
+    expected = obs[0, 1] + obs[1, 0] + obs[2, 1] + obs[3, 0] + obs[4, 1] + obs[5, 0]  # the one possible path
+    torch.testing.assert_close(forward_log_likelihood(initial, trans, obs), expected, rtol=1e-14, atol=0)
     obs[3, 1] = float("nan")
-    assert log_transition_product(trans, obs).isnan().all()
+    assert forward_log_likelihood(initial, trans, obs).isnan()
 
 
 def test_float32_in_float32_out():
+    initial = torch.zeros(2, dtype=torch.float32)
     trans = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float32).log()
     obs = torch.randn(30, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float32)
-    out = log_transition_product(trans, obs)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, log_transition_product(trans.double(), obs.double()).float())
+    log_p = forward_log_likelihood(initial, trans, obs)
+    assert log_p.dtype == torch.float32
+    torch.testing.assert_close(log_p, forward_log_likelihood(initial.double(), trans.double(), obs.double()).float())
 
 
 def test_a_recorded_potential_calls_the_kernel_and_matches_pyro():
@@ -130,7 +122,7 @@ def test_a_recorded_potential_calls_the_kernel_and_matches_pyro():
     with recording_kernels(), pyro.validation_enabled(False):
         graph = make_fx(potential)(example)
     kernels = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
-    assert {"latentkit.log_transition_product.default", "latentkit.log_transition_product_backward.default"} <= kernels
+    assert {"latentkit.hmm_forward.default", "latentkit.hmm_forward_backward.default"} <= kernels
     with pyro.validation_enabled(False):
         compiled = compile_function(potential, (example,), probes=[(example + 1.0,)])
     assert compiled is not None
