@@ -25,6 +25,7 @@ from pyro.ops import packed
 from pyro.ops.contract import contract_to_tensor
 from pyro.poutine.messenger import Messenger
 
+from latentkit.inference.log_einsum import BroadcastLogRing
 from latentkit.inference.target import Target
 
 __all__ = ["BatchedModel"]
@@ -97,7 +98,7 @@ def log_marginal(trace: poutine.Trace, keep: Iterable[str], include: Callable[[s
         if len(factors) == 1 and len(enum_dims) == 1:
             contracted = _logsumexp_one_site(next(iter(factors.values())), next(iter(enum_dims)), target)
         else:
-            contracted = contract_to_tensor(factors, enum_dims, target_ordinal=target)
+            contracted = contract_to_tensor(factors, enum_dims, target_ordinal=target, ring=BroadcastLogRing())
         contracted = packed.unpack(packed.scale_and_mask(contracted, scale=_common_scale(scales)),
                                    trace.symbol_to_dim)
         total = total + contracted

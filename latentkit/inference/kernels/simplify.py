@@ -7,8 +7,9 @@ copies of ``C`` numbers, and autograd's backward does the same. In a recorded gr
 the broadcast is an explicit ``expand``, and an elementwise operation commutes with it:
 ``log(expand(s)) == expand(log(s))``. :func:`sink_expands` moves expands after such operations,
 so they run on the small tensors; :func:`factor_sums` takes factors that are constant along a
-sum's dimensions out of the sum (autograd's gradient of a broadcast parameter is such a sum).
-TorchScript's freezing passes do neither. In-place updates of fresh tensors (autograd's
+sum's dimensions out of the sum (autograd's gradient of a broadcast parameter is such a sum);
+:func:`merge_duplicates` computes repeated operations once. TorchScript's freezing passes do
+not do the first two. In-place updates of fresh tensors (autograd's
 ``clamp`` backward builds its mask with ``logical_and_``) are made out-of-place first, so that
 the operations before them can be rewritten too. Measured on the benchmark mixture (K = 3,
 N = 1,000, 4 chains, potential and gradient): 390 -> 265 us with :func:`sink_expands`, large
@@ -18,8 +19,9 @@ operations 39 -> 23 and 257 -> 250 us with :func:`factor_sums` too (what remains
 
 import torch
 from torch import fx
+from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
-__all__ = ["factor_sums", "simplify", "sink_expands"]
+__all__ = ["factor_sums", "merge_duplicates", "simplify", "sink_expands"]
 
 aten = torch.ops.aten
 
@@ -124,8 +126,30 @@ _PRODUCT = {aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.mul.Scalar,
 
 
 def simplify(module: fx.GraphModule) -> int:
-    """:func:`sink_expands`, then :func:`factor_sums`; the number of rewrites."""
-    return sink_expands(module) + factor_sums(module)
+    """:func:`sink_expands`, :func:`factor_sums`, then :func:`merge_duplicates`; the number of
+    rewrites."""
+    return sink_expands(module) + factor_sums(module) + merge_duplicates(module)
+
+
+def merge_duplicates(module: fx.GraphModule) -> int:
+    """Compute each distinct operation on the same arguments once (common subexpressions), with
+    torch.fx's ``CSEPass`` (which leaves random operations alone). A model that builds the same
+    distribution at every step (a ``pyro.markov`` HMM indexing its transition matrix by the
+    enumerated state) records the same operations again and again: at T = 100, 9,900 nodes
+    become 6,900. Skipped where the graph mutates a tensor (two equal results could then differ).
+
+    Returns:
+        The number of nodes removed.
+    """
+    graph = module.graph
+    if any(_mutates(node) for node in graph.nodes):
+        return 0
+    before = len(graph.nodes)
+    merged = CSEPass()(module).graph_module.graph
+    merged.eliminate_dead_code()
+    module.graph = merged
+    module.recompile()
+    return before - len(merged.nodes)
 
 
 def factor_sums(module: fx.GraphModule) -> int:

@@ -3,7 +3,7 @@
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from latentkit.inference.kernels.simplify import factor_sums, sink_expands
+from latentkit.inference.kernels.simplify import factor_sums, merge_duplicates, sink_expands
 
 
 def broadcast_log_density(loc, scale, y):
@@ -95,3 +95,33 @@ def test_factor_sums_keeps_factors_that_vary_along_the_sum():
 
     module = make_fx(varying)(torch.randn(4, 1000), torch.randn(1, 1000))
     assert factor_sums(module) == 0
+
+
+def test_repeated_operations_are_computed_once():
+    def repeated(probs, x):  # the same normalisation at every "step", as a pyro.markov model records it
+        total = 0.0
+        for step in range(5):
+            normalised = probs / probs.sum(-1, keepdim=True)
+            total = total + (normalised.log() * x[step]).sum()
+        return (total,)
+
+    args = (torch.rand(3, 2) + 0.1, torch.randn(5, 3, 2))
+    module = make_fx(repeated)(*args)
+    divisions = sum(1 for node in module.graph.nodes if node.target is torch.ops.aten.div.Tensor)
+    assert divisions == 5
+    assert merge_duplicates(module) >= 4 * 3  # sum, div and log of four steps
+    assert sum(1 for node in module.graph.nodes if node.target is torch.ops.aten.div.Tensor) == 1
+    point = (torch.rand(3, 2) + 0.1, torch.randn(5, 3, 2))
+    torch.testing.assert_close(module(*point)[0], repeated(*point)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_graphs_that_mutate_are_not_merged():
+    def mutating(x):
+        a = x * 2
+        b = x * 2
+        a.add_(1.0)  # merging b into a would make b see this
+        return (a + b,)
+
+    module = make_fx(mutating)(torch.ones(3))
+    assert merge_duplicates(module) == 0
+    torch.testing.assert_close(module(torch.ones(3))[0], torch.full((3,), 5.0))
