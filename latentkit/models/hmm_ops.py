@@ -16,7 +16,8 @@ García-Fernández, "Temporal parallelization of Bayesian smoothers", IEEE TAC 2
 CPU cost more memory traffic. Paths are assembled from per-step back-pointers by composing them
 with a Hillis-Steele prefix scan (log2(T) gathers).
 
-:func:`log_likelihood` (used for fitting, differentiable) works in scaled probability space:
+:func:`log_likelihood` (used for fitting, differentiable) works in scaled probability space; on
+CPU as one compiled sequential loop, elsewhere as tensor operations:
 step matrices are multiplied pairwise (log2(T) rounds, as Pyro's ``DiscreteHMM`` does in log
 space), long sequences after first multiplying blocks of a few tens of steps with one shared
 matrix product per step. The other functions work in log space and need no gradient.
@@ -29,6 +30,12 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.util import broadcast_shape
 
+from latentkit.inference.kernels import discrete_hmm
+
+#: On CPU, :func:`log_likelihood` runs the forward algorithm as one compiled loop
+#: (:func:`~latentkit.inference.kernels.discrete_hmm.forward_log_likelihood`, O(T K^2)); the
+#: tensor-operation version below (for GPUs) otherwise.
+FUSED_ON_CPU = True
 #: Stage-1 rows of :func:`log_likelihood` are rescaled every this many steps in float64.
 RESCALE_EVERY = 4
 #: Up to this many steps the likelihood multiplies the step matrices pairwise; longer sequences
@@ -59,6 +66,12 @@ def log_likelihood(log_init: torch.Tensor, log_trans: torch.Tensor, obs_logp: to
     """
     obs_logp = _mask_obs(obs_logp, mask)
     T, K = obs_logp.shape[-2:]
+    if FUSED_ON_CPU and T > 1 and all(x.device.type == "cpu" for x in (log_init, log_trans, obs_logp)) \
+            and discrete_hmm.kernels_work():
+        # The first step's observation belongs to the first state; the kernel's initial state
+        # precedes its first step.
+        return discrete_hmm.forward_log_likelihood(log_init + obs_logp[..., 0, :], log_trans.unsqueeze(-3),
+                                                   obs_logp[..., 1:, :])
     batch = torch.Size(broadcast_shape(log_init.shape[:-1], log_trans.shape[:-2], obs_logp.shape[:-2]))
     tiny = torch.finfo(obs_logp.dtype).tiny
     # Per-step shift: emission factors in (0, 1] with their maximum 1.

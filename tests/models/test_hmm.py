@@ -58,7 +58,14 @@ def tiny():
 
 
 # -- exactness -----------------------------------------------------------------------------------------
-def test_forward_matches_brute_force(tiny):
+@pytest.fixture(params=[True, False], ids=["fused", "tensor-ops"])
+def fused(request, monkeypatch):
+    """Both forward algorithms: the compiled loop (CPU's) and the tensor-operation one (GPUs')."""
+    monkeypatch.setattr(hmm_ops, "FUSED_ON_CPU", request.param)
+    return request.param
+
+
+def test_forward_matches_brute_force(tiny, fused):
     log_init, log_trans, locs, scales, x, obs_logp = tiny
     joint, _ = brute_force(log_init, log_trans, obs_logp)
     expected = joint.logsumexp(0)
@@ -76,7 +83,7 @@ def test_forward_matches_brute_force(tiny):
     assert torch.allclose(discrete.log_prob(x), expected, atol=1e-6)
 
 
-def test_gradient_matches_autograd_of_brute_force(tiny):
+def test_gradient_matches_autograd_of_brute_force(tiny, fused):
     log_init, log_trans, _, _, _, obs_logp = tiny
     args = [t.clone().requires_grad_(True) for t in (log_init, log_trans, obs_logp)]
     fast = torch.autograd.grad(hmm_ops.log_likelihood(*args), args)
@@ -87,21 +94,23 @@ def test_gradient_matches_autograd_of_brute_force(tiny):
 
 @pytest.mark.parametrize("T", [2, 3, 17, 300])
 def test_pairwise_and_blocked_forward_agree(T, monkeypatch):
-    """Short sequences use pairwise products, long ones the blocked scan: same value and gradient,
-    with padding, and equal to the log-space filter's normaliser."""
+    """Short sequences use pairwise products, long ones the blocked scan, the CPU a compiled loop:
+    same value and gradient, with padding, and equal to the log-space filter's normaliser."""
     g = torch.Generator().manual_seed(T)
     args = [torch.randn(2, 3, generator=g).log_softmax(-1), torch.randn(2, 3, 3, generator=g).log_softmax(-1),
             torch.randn(2, T, 3, generator=g) * 3]
     mask = torch.arange(T) < torch.tensor([[T], [max(T // 2, 1)]])
     results = []
-    for limit in (hmm_ops.TREE_MAX_STEPS, 0):
+    for fused, limit in ((False, hmm_ops.TREE_MAX_STEPS), (False, 0), (True, 0)):
+        monkeypatch.setattr(hmm_ops, "FUSED_ON_CPU", fused)
         monkeypatch.setattr(hmm_ops, "TREE_MAX_STEPS", limit)
         leaves = [a.clone().requires_grad_(True) for a in args]
         value = hmm_ops.log_likelihood(*leaves, mask)
         results.append((value, torch.autograd.grad(value.sum(), leaves)))
-    (v1, g1), (v2, g2) = results
-    assert torch.allclose(v1, v2, atol=1e-9)
-    assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(g1, g2, strict=True))
+    (v1, g1), *others = results
+    for v2, g2 in others:
+        assert torch.allclose(v1, v2, atol=1e-9)
+        assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(g1, g2, strict=True))
     alpha = hmm_ops._scan(args[0] + args[2][..., 0, :], hmm_ops._step_matrices(args[1], args[2], mask), "sum")
     assert torch.allclose(v1, alpha[..., -1, :].logsumexp(-1), atol=1e-9)
 

@@ -34,7 +34,7 @@ import torch
 from pyro.distributions import DiscreteHMM
 from torch import Tensor
 
-__all__ = ["forward_log_likelihood", "recording_kernels"]
+__all__ = ["forward_log_likelihood", "kernels_work", "recording_kernels"]
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 
@@ -238,6 +238,16 @@ def _hmm_grad(ctx, grad_out: Tensor, *unused: Tensor) -> tuple[Tensor, Tensor, T
 _hmm_forward.register_autograd(_hmm_grad, setup_context=_setup_context)
 
 
+@_hmm_forward.register_vmap
+def _(info, in_dims: tuple[int | None, ...], *args: Tensor) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:  # noqa: ANN001
+    """Under ``torch.func.vmap`` the mapped dimension joins the batch: one call of the kernel."""
+    size = info.batch_size
+    flat = [(arg.movedim(dim, 0) if dim is not None else arg.expand((size,) + arg.shape)).flatten(0, 1)
+            for arg, dim in zip(args, in_dims, strict=True)]
+    outputs = torch.ops.latentkit.hmm_forward(*flat)
+    return tuple(output.unflatten(0, (size, -1)) for output in outputs), (0, 0, 0, 0)
+
+
 def forward_log_likelihood(initial_logits: Tensor, transition_logits: Tensor, observation_logits: Tensor) -> Tensor:
     """log p(x) of a discrete HMM with its states summed out, as ``DiscreteHMM.log_prob``: ``log
     sum_z exp(initial[z_0] + sum_t transition[t][z_t, z_{t+1}] + observation[t, z_{t+1}])`` (the
@@ -264,6 +274,10 @@ def forward_log_likelihood(initial_logits: Tensor, transition_logits: Tensor, ob
     if transition_logits.dim() == 2:
         transition_logits = transition_logits.unsqueeze(-3)
     step_shape = transition_logits.shape[-3:]
+    if step_shape[0] not in (1, time) or step_shape[1:] != (k, k) or initial_logits.shape[-1] != k:
+        raise ValueError(f"forward_log_likelihood: transition_logits {tuple(transition_logits.shape)} must end in "
+                         f"(1 or T, K, K) and initial_logits {tuple(initial_logits.shape)} in (K,) for "
+                         f"observation_logits {tuple(observation_logits.shape)} ending in (T, K).")
     batch = torch.broadcast_shapes(initial_logits.shape[:-1], transition_logits.shape[:-3],
                                    observation_logits.shape[:-2])
     log_p = torch.ops.latentkit.hmm_forward(initial_logits.expand(batch + (k,)).reshape(-1, k),
@@ -291,7 +305,7 @@ def _fits(hmm: DiscreteHMM, value: Tensor) -> bool:
 
 
 @functools.cache
-def _kernels_work() -> bool:
+def kernels_work() -> bool:
     """Whether Numba compiles (or loads from its cache) and runs the kernels here; once."""
     try:
         initial = torch.zeros(2, dtype=torch.float64, requires_grad=True)
@@ -308,7 +322,7 @@ def _kernels_work() -> bool:
 def recording_kernels() -> Iterator[None]:
     """Within the block, ``DiscreteHMM.log_prob`` sums out the hidden states with
     :func:`forward_log_likelihood` where it can (CPU tensors; Pyro's scan elsewhere)."""
-    if not _kernels_work():
+    if not kernels_work():
         yield
         return
     pyro_log_prob = DiscreteHMM.log_prob

@@ -137,3 +137,19 @@ def test_pyros_log_prob_is_restored():
         assert dist.DiscreteHMM.log_prob is not pyro_log_prob
         raise RuntimeError("inside")
     assert dist.DiscreteHMM.log_prob is pyro_log_prob
+
+
+def test_shapes_that_do_not_fit_are_refused():
+    # Three transition matrices for five steps: neither one matrix nor one per step.
+    with pytest.raises(ValueError, match=r"transition_logits \(3, 2, 2\) must end in \(1 or T, K, K\)"):
+        forward_log_likelihood(torch.zeros(2), torch.zeros(3, 2, 2), torch.zeros(5, 2))
+
+
+def test_under_vmap_the_mapped_dimension_joins_the_batch():
+    generator = torch.Generator().manual_seed(5)
+    initial = torch.randn(2, generator=generator, dtype=torch.float64)
+    transitions = torch.randn(6, 2, 2, generator=generator, dtype=torch.float64)  # mapped over
+    obs = torch.randn(20, 2, generator=generator, dtype=torch.float64)
+    mapped = torch.func.vmap(lambda trans: forward_log_likelihood(initial, trans, obs))(transitions)
+    one_by_one = torch.stack([forward_log_likelihood(initial, trans, obs) for trans in transitions])
+    torch.testing.assert_close(mapped, one_by_one, rtol=1e-14, atol=0)
