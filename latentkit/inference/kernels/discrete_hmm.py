@@ -306,16 +306,24 @@ def _fits(hmm: DiscreteHMM, value: Tensor) -> bool:
 
 @functools.cache
 def kernels_work() -> bool:
-    """Whether Numba compiles (or loads from its cache) and runs the kernels here; once."""
+    """Whether Numba compiles (or loads from its cache) and runs the kernels here; once.
+
+    The kernels are called on NumPy arrays, so the check is the same under ``no_grad``, vmap or
+    a graph recording, wherever it happens to run first.
+    """
     try:
-        initial = torch.zeros(2, dtype=torch.float64, requires_grad=True)
-        forward_log_likelihood(initial, torch.zeros(2, 2, dtype=torch.float64),
-                               torch.zeros(3, 2, dtype=torch.float64)).backward()
-    except Exception as error:  # noqa: BLE001 - a Numba that cannot compile: keep Pyro's scan
-        warnings.warn(f"jit: the fused DiscreteHMM kernel is unavailable ({type(error).__name__}: {error}); HMMs "
-                      "keep Pyro's parallel scan (slower on CPU).", stacklevel=4)
+        batch, time, k = 1, 3, 2
+        factors, alphas = np.empty((batch, 1 + k + time, k)), np.empty((batch, time + 1, k))
+        exponents, log_p = np.empty((batch, time + 1), dtype=np.int64), np.empty(batch)
+        _forward(np.zeros((batch, k)), np.zeros((batch, 1, k, k)), np.zeros((batch, time, k)), factors, alphas,
+                 exponents, log_p)
+        _backward(np.ones(batch), factors, alphas, exponents, np.empty((batch, k)), np.empty((batch, 1, k, k)),
+                  np.empty((batch, time, k)))
+    except Exception as error:  # noqa: BLE001 - a Numba that cannot compile: keep the tensor operations
+        warnings.warn(f"jit: the fused HMM kernel is unavailable ({type(error).__name__}: {error}); HMM "
+                      "likelihoods keep their tensor operations (slower on CPU).", stacklevel=3)
         return False
-    return True
+    return bool(np.isclose(log_p[0], (time + 1) * math.log(k)))  # 2 initial states, 2 choices per step
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from latentkit.inference.kernels import discrete_hmm
 from latentkit.inference.kernels.compile import compile_function
 from latentkit.inference.kernels.discrete_hmm import forward_log_likelihood, recording_kernels
 
@@ -153,3 +154,11 @@ def test_under_vmap_the_mapped_dimension_joins_the_batch():
     mapped = torch.func.vmap(lambda trans: forward_log_likelihood(initial, trans, obs))(transitions)
     one_by_one = torch.stack([forward_log_likelihood(initial, trans, obs) for trans in transitions])
     torch.testing.assert_close(mapped, one_by_one, rtol=1e-14, atol=0)
+
+
+def test_the_availability_check_holds_under_no_grad():
+    # The check runs once, wherever the kernel is first wanted (often under no_grad): it must not
+    # need autograd, or HMMs would lose the kernel for the whole process.
+    discrete_hmm.kernels_work.cache_clear()
+    with torch.no_grad():
+        assert discrete_hmm.kernels_work()
