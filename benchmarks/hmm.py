@@ -3,7 +3,7 @@
 Synthetic 4-state, 1-D Gaussian data (sticky transitions), one run, printed as ratios:
 
 (a) one forward log-likelihood at T = 100,000 and 1,000,000 at the true parameters (best of 3):
-    latentkit's ``HMMSequence.log_prob`` (blocked scaled forward algorithm), hmmlearn's
+    latentkit's ``HMMSequence.log_prob`` (on CPU the forward algorithm as a Numba loop), hmmlearn's
     ``score`` (C++ log-space forward), Pyro's ``DiscreteHMM.log_prob`` (parallel scan);
 (b) MAP fit at T = 100,000: latentkit ``engine="svi", guide="delta"`` (Adam, k-means start)
     against hmmlearn's EM (``n_iter=1000, tol=1e-2``, its k-means start): wall time, final
