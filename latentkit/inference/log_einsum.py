@@ -41,8 +41,10 @@ def einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
     """
     inputs, output = equation.split("->")
     terms = inputs.split(",")
-    sizes = {symbol: size for term, operand in zip(terms, operands, strict=True)
-             for symbol, size in zip(term, operand.shape, strict=True)}
+    sizes: dict[str, int] = {}
+    for term, operand in zip(terms, operands, strict=True):
+        for symbol, size in zip(term, operand.shape, strict=True):
+            sizes[symbol] = max(size, sizes.get(symbol, 1))  # a size-1 dimension broadcasts
     summed = sorted(set(inputs) - set(output) - {","})
     symbols = output + "".join(summed)
     total_size = 1
@@ -55,7 +57,7 @@ def einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
     total = None
     for term, operand in zip(terms, operands, strict=True):
         aligned = operand.permute(sorted(range(len(term)), key=lambda i: symbols.index(term[i])))
-        aligned = aligned.reshape([sizes[symbol] if symbol in term else 1 for symbol in symbols])
+        aligned = aligned.reshape([operand.shape[term.index(symbol)] if symbol in term else 1 for symbol in symbols])
         total = aligned if total is None else total + aligned
     if not summed:  # every symbol is in some operand, so the sum has the output's shape
         return total.clone() if len(operands) == 1 else total

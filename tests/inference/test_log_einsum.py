@@ -28,6 +28,13 @@ def test_equals_pyros_log_space_einsum_in_value_and_gradient(equation):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
 
 
+def test_a_dimension_of_size_one_broadcasts_as_in_pyro():
+    x = torch.randn(2, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = torch.randn(3, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    torch.testing.assert_close(log_einsum.einsum("ab,bc->ac", x, y), torch_log.einsum("ab,bc->ac", x, y),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_slices_that_are_impossible_throughout_give_zero_gradient():
     # Pyro's einsum gives -inf with a zero gradient where every term is -inf; torch.logsumexp alone
     # would give a NaN gradient there.
