@@ -49,8 +49,8 @@ class MCMCOptions:
         "help": "compile the model's potential and gradient: True traces them into one TorchScript graph (Static "
                 "Runtime), beside NUTS's tree bookkeeping compiled by Numba (on a GPU the whole step is one graph); "
                 "'inductor' compiles the potential with torch.compile: 5-20 s the first time, 2-4 s once cached on "
-                "disk, then steps up to 2-3x faster on data-heavy models (sampling, cached: a 1,000-point mixture "
-                "9 s -> 5 s, a T=1000 HMM 26 s -> 12 s): for long or repeated fits; False (--no-jit) runs "
+                "disk, then steps up to 2x faster on data-heavy models (sampling, cached: a 1,000-point mixture "
+                "8 s -> 4.4 s, a T=1000 HMM 8 s -> 6 s): for long or repeated fits; False (--no-jit) runs "
                 "everything eagerly. Checked against the eager potential, falling back to it"})
     device: str | None = field(default=None, metadata={"help": "torch device, e.g. cuda"})
 

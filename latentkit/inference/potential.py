@@ -65,7 +65,7 @@ class Potential:
         (:func:`~latentkit.inference.kernels.compile.points_around`). Per call (4 chains, one
         thread, float64), TorchScript against inductor (opt-in; 7-15 s to compile the first time,
         1-3 s from its cache): eight schools 0.07 vs 0.04 ms (0.83 ms through the Pyro model),
-        mixture N=1000 0.25 vs 0.08 ms, HMM T=1000 1.2 vs 0.53 ms; logistic regression N=10k,
+        mixture N=1000 0.25 vs 0.08 ms, HMM T=1000 0.33 vs 0.22 ms; logistic regression N=10k,
         whose ``X @ beta`` runs chain by chain, 0.53 ms with TorchScript.
 
         Args:
