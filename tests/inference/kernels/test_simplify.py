@@ -3,7 +3,7 @@
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from latentkit.inference.kernels.simplify import factor_sums, merge_duplicates, sink_expands
+from latentkit.inference.kernels.simplify import factor_sums, fold_constants, merge_duplicates, sink_expands
 
 
 def broadcast_log_density(loc, scale, y):
@@ -125,3 +125,46 @@ def test_graphs_that_mutate_are_not_merged():
     module = make_fx(mutating)(torch.ones(3))
     assert merge_duplicates(module) == 0
     torch.testing.assert_close(module(torch.ones(3))[0], torch.full((3,), 5.0))
+
+
+def test_constant_work_is_done_once_and_no_ops_are_dropped():
+    scale = torch.tensor(2.0)
+
+    def prior(x):  # a Normal prior's log density: log(scale) and scale**2 depend on no input
+        log_density = -((x - 1.0) ** 2) / (2 * scale**2) - scale.log() + torch.zeros_like(x) * 1
+        return ((log_density + 0).detach().view(x.shape).sum(),)
+
+    module = make_fx(prior)(torch.randn(3))
+    operations = sum(1 for node in module.graph.nodes if node.op == "call_function")
+    removed = fold_constants(module)
+    assert removed >= 6  # pow, mul, log of the scale, zeros_like, the * 1 and + 0, detach, view
+    targets = {node.target for node in module.graph.nodes if node.op == "call_function"}
+    assert torch.ops.aten.log.default not in targets and torch.ops.aten.detach.default not in targets
+    assert sum(1 for node in module.graph.nodes if node.op == "call_function") <= operations - 6
+    point = torch.randn(3)
+    torch.testing.assert_close(module(point)[0], prior(point)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_broadcast_constants_stay_small_and_random_numbers_stay_random():
+    table = torch.arange(4.0)
+
+    def fn(x):  # a constant expanded over 10,000 points: folding would store all 40,000 values
+        return ((x + table.log1p().expand(10_000, 4)).sum() + torch.rand(()),)
+
+    module = make_fx(fn)(torch.zeros(10_000, 4))
+    fold_constants(module)
+    assert torch.ops.aten.expand.default in {node.target for node in module.graph.nodes}
+    assert all(buffer.numel() <= 4 for buffer in module.buffers())
+    assert module(torch.zeros(10_000, 4))[0] != module(torch.zeros(10_000, 4))[0]
+
+
+def test_graphs_that_mutate_are_not_folded():
+    def mutating(x):
+        a = torch.ones(3) * 2  # constant, but written to below
+        a.add_(x)
+        return (a,)
+
+    module = make_fx(mutating)(torch.ones(3))
+    assert fold_constants(module) == 0
+    torch.testing.assert_close(module(torch.ones(3))[0], torch.full((3,), 3.0))
+    torch.testing.assert_close(module(torch.ones(3))[0], torch.full((3,), 3.0))
