@@ -64,9 +64,9 @@ class Potential:
         at ``z`` and at points around it
         (:func:`~latentkit.inference.kernels.compile.points_around`). Per call (4 chains, one
         thread, float64), TorchScript against inductor (opt-in; 7-15 s to compile the first time,
-        1-3 s from its cache): eight schools 0.07 vs 0.04 ms (0.83 ms through the Pyro model),
-        mixture N=1000 0.25 vs 0.08 ms, HMM T=1000 0.33 vs 0.22 ms; logistic regression N=10k,
-        whose ``X @ beta`` runs chain by chain, 0.53 ms with TorchScript.
+        1-3 s from its cache): eight schools 0.05 vs 0.04 ms (0.74 ms through the Pyro model),
+        mixture N=1000 0.23 vs 0.08 ms, HMM T=1000 0.31 vs 0.22 ms; logistic regression N=10k,
+        whose ``X @ beta`` runs chain by chain, 0.47 ms with TorchScript.
 
         Args:
             z: the points to trace at; later calls with this shape use the compiled potential.
