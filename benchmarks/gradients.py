@@ -6,7 +6,11 @@ For the four models of ``benchmarks/mcmc.py`` and a 2-state HMM written by hand 
 - latentkit: the compiled potential of ``lk.fit(engine="nuts")`` (4 chains per call, divided by
   4), its compile time, and the eager potential through the Pyro model (4 chains per call);
 - stock Pyro: ``initialize_model``'s ``potential_fn`` and ``potential_grad``, as Pyro's NUTS
-  calls them (one chain per call), with ``jit_compile`` on (its trace time apart) and off.
+  calls them (one chain per call), with ``jit_compile`` on (its trace time apart) and off;
+- for logistic regression, the floor: only the arithmetic over the data that any engine must do
+  per gradient (the products with X forward and back, one log-sigmoid and one sigmoid per
+  point), in torch's fastest layout, all chains in one call. NUTS needs ~7 gradients per draw
+  here (tree depth 3), so 2,000 iterations cost at least 14,000 x this floor per chain.
 
     python benchmarks/gradients.py             # about 3 minutes
     python benchmarks/gradients.py --models e  # the pyro.markov HMM only
@@ -90,6 +94,19 @@ def pyro_costs(model: Callable[..., Any], data: dict[str, Any], setup: dict[str,
     return {"per_gradient": per_call(lambda: potential_grad(potential_fn, params)), "setup": seconds}
 
 
+def logistic_floor(data: dict[str, Any]) -> float:
+    """Seconds per chain of the data-sized arithmetic of one logistic-regression gradient."""
+    X = torch.as_tensor(data["X"])
+    transposed = X.t().contiguous()
+    coefficients = torch.randn(CHAINS, X.shape[1], generator=torch.Generator().manual_seed(0))
+
+    def arithmetic() -> tuple[torch.Tensor, torch.Tensor]:
+        logits = coefficients @ transposed  # (C, N), rows contiguous: the fastest layout measured
+        return torch.nn.functional.logsigmoid(logits).sum(-1), torch.sigmoid(logits) @ X
+
+    return per_call(arithmetic) / CHAINS
+
+
 def main(args: argparse.Namespace) -> None:
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
@@ -106,6 +123,8 @@ def main(args: argparse.Namespace) -> None:
               f"{jit['per_gradient'] * 1e6:>8.0f} us{jit['setup']:>8.1f} s{plain['per_gradient'] * 1e6:>8.0f} us"
               f"{jit['per_gradient'] / ours['compiled']:>12.1f}x{plain['per_gradient'] / ours['compiled']:>8.1f}x",
               flush=True)
+        if key == "d":
+            print(f"{'  floor (data arithmetic)':<28}{logistic_floor(data) * 1e6:>17.0f} us", flush=True)
 
 
 if __name__ == "__main__":

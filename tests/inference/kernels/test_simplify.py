@@ -3,7 +3,13 @@
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from latentkit.inference.kernels.simplify import factor_sums, fold_constants, merge_duplicates, sink_expands
+from latentkit.inference.kernels.simplify import (
+    batch_matrix_products,
+    factor_sums,
+    fold_constants,
+    merge_duplicates,
+    sink_expands,
+)
 
 
 def broadcast_log_density(loc, scale, y):
@@ -168,3 +174,21 @@ def test_graphs_that_mutate_are_not_folded():
     assert fold_constants(module) == 0
     torch.testing.assert_close(module(torch.ones(3))[0], torch.full((3,), 3.0))
     torch.testing.assert_close(module(torch.ones(3))[0], torch.full((3,), 3.0))
+
+
+def test_products_with_one_tall_matrix_become_one_product():
+    X = torch.randn(50, 3, dtype=torch.float64)
+    wide = torch.randn(3, 50, dtype=torch.float64)
+
+    def per_chain(b):  # as a model that does not broadcast over chains is recorded
+        first = X @ b[0].unsqueeze(-1)
+        second = X @ (b[1].unsqueeze(-1) + first[:3])  # fed by the first product: not in its batch
+        third = X @ b[2].unsqueeze(-1)
+        return (first.sin().sum() + second.sum() + third.exp().sum() + (wide @ first).sum(),)
+
+    module = make_fx(per_chain)(torch.randn(3, 3, dtype=torch.float64))
+    assert batch_matrix_products(module) == 1  # the first and third; the wide matrix is left alone
+    products = [node for node in module.graph.nodes if node.target is torch.ops.aten.mm.default]
+    assert len(products) == 3
+    point = torch.randn(3, 3, dtype=torch.float64)
+    torch.testing.assert_close(module(point)[0], per_chain(point)[0], rtol=1e-12, atol=1e-12)
