@@ -41,8 +41,18 @@ def complete_result(
     """Build the result from continuous draws ``{site: (chain, draw, *site.shape)}``."""
     num_chains, num_draws = next(iter(samples.values())).shape[:2]
     flat = {k: v.reshape((num_chains * num_draws,) + v.shape[2:]) for k, v in samples.items()}
-    parts: dict[str, list[dict[str, torch.Tensor]]] = {"post": [], "ll": [], "pp": []}
     total = num_chains * num_draws
+    # Each chunk is copied straight into CPU arrays for all draws: concatenating the chunks at
+    # the end would hold everything twice (logistic regression, 10,000 points x 4,000 draws:
+    # 320 MB per group) and took 0.2-0.8 s per group to copy.
+    parts: dict[str, dict[str, torch.Tensor]] = {"post": {}, "ll": {}, "pp": {}}
+
+    def store(key: str, values: dict[str, torch.Tensor], start: int) -> None:
+        for name, value in values.items():
+            if name not in parts[key]:
+                parts[key][name] = torch.empty((total,) + value.shape[1:], dtype=value.dtype)
+            parts[key][name][start:start + value.shape[0]] = value.detach().cpu()
+
     # The model and data were validated when bound; checks of each value would also keep
     # torch.func.vmap (BatchedModel's path for models that do not broadcast) from running.
     with torch.no_grad(), pyro.validation_enabled(False):
@@ -51,16 +61,12 @@ def complete_result(
             extra = batched.discrete_and_deterministic(chunk)
             everything = {**chunk, **{k: v for k, v in extra.items()
                                       if target.sites[k].kind == "discrete"}}
-            parts["post"].append(extra)
-            parts["ll"].append(batched.pointwise_log_likelihood(chunk))
-            parts["pp"].append(batched.predictive(everything))
-
-    def gather(key: str) -> dict[str, torch.Tensor]:
-        chunks = parts[key]
-        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+            store("post", extra, start)
+            store("ll", batched.pointwise_log_likelihood(chunk), start)
+            store("pp", batched.predictive(everything), start)
 
     shape = (num_chains, num_draws)
-    posterior = _numpy({**flat, **gather("post")}, shape)
+    posterior = _numpy({**flat, **parts["post"]}, shape)
     posterior = {k: posterior[k] for k in target.sites if k in posterior}  # model order
     recovered = {}
     if hasattr(model, "recover_latents"):
@@ -73,7 +79,7 @@ def complete_result(
     # Variables recovered outside the trace (e.g. HMM states) take their names from the model.
     model_dims = model.dims(target.kwargs) if recovered and hasattr(model, "dims") else {}
     dims.update({name: list(model_dims[name]) for name in recovered if name in model_dims})
-    log_likelihood = _numpy(gather("ll"), shape)
+    log_likelihood = _numpy(parts["ll"], shape)
     constant = {
         k: v.detach().cpu().numpy() for k, v in target.kwargs.items()
         if isinstance(v, torch.Tensor) and not any(v is o for o in target.observed.values())
@@ -84,7 +90,7 @@ def complete_result(
         posterior=posterior,
         sample_stats=dict(sample_stats or {}),
         log_likelihood=log_likelihood,
-        posterior_predictive=_numpy(gather("pp"), shape),
+        posterior_predictive=_numpy(parts["pp"], shape),
         observed_data={k: v.cpu().numpy() for k, v in target.observed.items()},
         constant_data=constant,
         dims=dims,
