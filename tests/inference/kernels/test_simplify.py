@@ -7,6 +7,7 @@ from latentkit.inference.kernels.simplify import (
     batch_matrix_products,
     factor_sums,
     fold_constants,
+    make_out_of_place,
     merge_duplicates,
     sink_expands,
 )
@@ -61,6 +62,33 @@ def test_in_place_updates_become_out_of_place_only_where_nothing_else_sees_them(
     targets = [node.target for node in module.graph.nodes if node.op == "call_function"]
     assert torch.ops.aten.clamp.default in targets and torch.ops.aten.clamp_.default in targets
     for expected, actual in zip(updates(x.clone()), module(x.clone()), strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_updates_after_the_last_read_become_out_of_place():
+    def updates(x, y):
+        flags = x > 0
+        first = flags.float().sum()  # read before the update: it may become out of place
+        flags.logical_and_(y > 0)
+        later = (x + 1).relu_()  # a fresh tensor nothing else reads
+        kept = x * 2
+        kept.add_(y.double())
+        narrow = y * 2
+        narrow.add_(x)  # float64 into float32: out of place it would be float64, so it stays
+        seen = (y * 2).sum()
+        doubled = y * 2
+        head = doubled[:2]
+        doubled.mul_(3)  # a view of it is read after the update: must stay in place
+        return first, flags, later, kept, narrow, seen + head.sum()
+
+    args = (torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float32))
+    module = make_fx(updates)(*args)
+    assert make_out_of_place(module) == 3
+    targets = {node.target for node in module.graph.nodes if node.op == "call_function"}
+    assert torch.ops.aten.mul_.Tensor in targets and torch.ops.aten.add_.Tensor in targets
+    assert torch.ops.aten.logical_and_.default not in targets and torch.ops.aten.relu_.default not in targets
+    point = (torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float32))
+    for expected, actual in zip(updates(*point), module(*point), strict=True):
         torch.testing.assert_close(actual, expected)
 
 
