@@ -65,8 +65,9 @@ class Potential:
         (:func:`~latentkit.inference.kernels.compile.points_around`). Per call (4 chains, one
         thread, float64), TorchScript against inductor (opt-in; 7-15 s to compile the first time,
         1-3 s from its cache): eight schools 0.05 vs 0.04 ms (0.74 ms through the Pyro model),
-        mixture N=1000 0.23 vs 0.08 ms, HMM T=1000 0.31 vs 0.22 ms; logistic regression N=10k,
-        whose ``X @ beta`` runs chain by chain, 0.47 ms with TorchScript.
+        mixture N=1000 0.21 vs 0.08 ms, HMM T=1000 0.31 vs 0.22 ms; logistic regression N=10k,
+        recorded chain by chain (``X @ beta`` does not broadcast; the products with ``X`` are
+        batched afterwards), 0.40 ms with TorchScript.
 
         Args:
             z: the points to trace at; later calls with this shape use the compiled potential.

@@ -54,7 +54,7 @@ def make_out_of_place(module: fx.GraphModule) -> int:
     dtype. Autograd's backward passes write such updates (``clamp``'s mask with ``logical_and_``,
     ``cumprod``'s with ``scatter_``, ``bitwise_and_`` and ``relu_``); one left in a graph keeps
     :func:`merge_duplicates` and :func:`fold_constants` from running (the benchmark mixture's
-    ordered transform: potential and gradient 227 -> 210 us with them, 4 chains).
+    ordered transform: potential and gradient 226 -> 211 us with them, 4 chains).
 
     Returns:
         The number of updates rewritten.
@@ -374,7 +374,7 @@ def _merge_products(module: fx.GraphModule, products: list[fx.Node]) -> None:
 
 
 def _sort_topologically(module: fx.GraphModule) -> None:
-    try:  # keeps the recorded order where it can (PyTorch 2.6 and later)
+    try:  # keeps the recorded order where it can, in the PyTorch versions that have it
         from torch.fx.passes.tools_common import stable_topological_sort as sort
     except ImportError:
         from torch.fx.passes.tools_common import legalize_graph as sort
