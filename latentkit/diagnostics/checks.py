@@ -118,6 +118,16 @@ def _continuous(result: Result) -> list[str]:
             if v.dtype.kind == "f" and v[0, 0].size <= 1000 and np.ptp(v, axis=(0, 1)).max(initial=0) > 0]
 
 
+def _varying(values: Any, result: Result) -> Any:
+    """An ArviZ statistic per element, NaN where the element never changes: ArviZ gives a
+    constant (a correlation factor's unit diagonal, a Cholesky factor's zeros) the number of
+    draws as its ESS, which would stand as the worst of antithetic (ESS > draws) chains."""
+    for name, array in values.data_vars.items():
+        constant = np.ptp(result.posterior[name], axis=(0, 1)) == 0
+        values[name] = array.copy(data=np.where(constant, np.nan, array.values))
+    return values
+
+
 def _worst(values: Any, pick: str) -> tuple[float, str]:
     """The worst element of an ArviZ statistic Dataset and its label, e.g. ``theta[3]``."""
     worst, label = (-math.inf if pick == "max" else math.inf), ""
@@ -217,7 +227,7 @@ def _mcmc_checks(result: Result) -> list[Check]:
         checks.append(Check("r_hat", math.nan, "2 chains or more", "warn",
                             "one chain: convergence cannot be judged across chains; run num_chains >= 2"))
     for method in ("bulk", "tail") if names else ():
-        ess, where = _worst(az.ess(idata, var_names=names, method=method), "min")
+        ess, where = _worst(_varying(az.ess(idata, var_names=names, method=method), result), "min")
         need = ESS_PER_CHAIN * chains
         ok = ess >= need
         checks.append(Check(f"ess_{method}", ess, f">= {need}", "pass" if ok else "fail",
