@@ -12,6 +12,7 @@ import numpy as np
 import pyro
 import torch
 
+from latentkit.inference.kernels.discrete_hmm import fused_kernels
 from latentkit.inference.result import Result
 from latentkit.inference.target import Target
 from latentkit.inference.vectorize import BatchedModel
@@ -55,7 +56,7 @@ def complete_result(
 
     # The model and data were validated when bound; checks of each value would also keep
     # torch.func.vmap (BatchedModel's path for models that do not broadcast) from running.
-    with torch.no_grad(), pyro.validation_enabled(False):
+    with torch.no_grad(), pyro.validation_enabled(False), fused_kernels():
         for start in range(0, total, CHUNK):
             chunk = {k: v[start:start + CHUNK] for k, v in flat.items()}
             extra = batched.discrete_and_deterministic(chunk)

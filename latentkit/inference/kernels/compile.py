@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from latentkit.inference.kernels.discrete_hmm import recording_kernels
+from latentkit.inference.kernels.discrete_hmm import fused_kernels
 from latentkit.inference.kernels.simplify import simplify
 
 __all__ = ["Backend", "TensorPacking", "compile_function", "points_around"]
@@ -51,7 +51,7 @@ def compile_function(
     ``make_fx`` records the aten operations of one call of ``fn`` (autograd included: a
     gradient becomes plain operations; Python bookkeeping such as packing arguments into named
     tuples costs nothing at run time; Pyro's HMMs sum out their states with the fused kernel of
-    :func:`~latentkit.inference.kernels.discrete_hmm.recording_kernels`), and ``backend``
+    :func:`~latentkit.inference.kernels.discrete_hmm.fused_kernels`), and ``backend``
     runs that graph:
 
     - ``"torchscript"``: ``torch.jit.trace`` + ``freeze``, run by TorchScript's Static Runtime
@@ -95,7 +95,7 @@ def compile_function(
             # of seconds; if a future torch drops it, the except below keeps us eager.
             warnings.simplefilter("ignore", DeprecationWarning)
             with _quick_recording():
-                with recording_kernels():
+                with fused_kernels():
                     graph = make_fx(lambda *args: fn(*args))(*example)  # any callable: a bound method too
                 simplify(graph)
             _ = graph.code  # a lazy module's code, generated now: TorchScript and dynamo need the real one
@@ -108,7 +108,7 @@ def compile_function(
                     compiled = _static_runtime(compiled)
             checks = [example, *probes]
             fast = [compiled(*args) for args in checks]  # inductor compiles here
-        with recording_kernels():  # the recording is checked; the kernels, against Pyro, by their tests
+        with fused_kernels():  # the recording is checked; the kernels, against Pyro, by their tests
             eager = [fn(*args) for args in checks]
     except Exception as error:  # noqa: BLE001 - any compilation failure means: stay eager
         warnings.warn(f"jit: tracing {name} failed ({backend}, {type(error).__name__}: {error}); running it "

@@ -12,10 +12,12 @@ dimensions are as small as K (the broadcast addition alone: 90 us; the sum that 
 written here: the forward algorithm in one sequential pass over time (O(T K^2), where the scan
 multiplies K x K matrices), in probability space with exact power-of-two rescaling, and its gradient
 by the matching backward pass; each one custom operator that a recorded graph calls once (the
-benchmark HMM's potential and gradient: 1.2 -> 0.36 ms). :func:`recording_kernels` routes
+benchmark HMM's potential and gradient: 1.2 -> 0.36 ms). :func:`fused_kernels` routes
 ``DiscreteHMM.log_prob`` through it while
 :func:`~latentkit.inference.kernels.compile.compile_function` records a potential (and checks the
-recording against the eager model run the same way); latentkit's own HMMs use it on CPU always
+recording against the eager model run the same way) and while
+:func:`~latentkit.inference.posterior.complete_result` computes each draw's log-likelihood
+(benchmark HMM, 4,000 draws: 0.53 -> 0.15 s); latentkit's own HMMs use it on CPU always
 (:func:`~latentkit.models.hmm_ops.log_likelihood`).
 
 Accuracy: equal to Pyro's scan up to rounding (relative 1e-13 at T = 1,000; where the logits are
@@ -37,7 +39,7 @@ import torch
 from pyro.distributions import DiscreteHMM
 from torch import Tensor
 
-__all__ = ["forward_log_likelihood", "kernels_work", "recording_kernels"]
+__all__ = ["forward_log_likelihood", "kernels_work", "fused_kernels"]
 
 _jit = numba.njit(cache=True, nogil=True, fastmath=False)
 
@@ -331,7 +333,7 @@ def kernels_work() -> bool:
 
 
 @contextlib.contextmanager
-def recording_kernels() -> Iterator[None]:
+def fused_kernels() -> Iterator[None]:
     """Within the block, ``DiscreteHMM.log_prob`` sums out the hidden states with
     :func:`forward_log_likelihood` where it can (CPU tensors; Pyro's scan elsewhere)."""
     if not kernels_work():

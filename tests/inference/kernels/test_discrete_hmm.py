@@ -5,15 +5,16 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import latentkit as lk
 from latentkit.inference.kernels import discrete_hmm
 from latentkit.inference.kernels.compile import compile_function
-from latentkit.inference.kernels.discrete_hmm import forward_log_likelihood, recording_kernels
+from latentkit.inference.kernels.discrete_hmm import forward_log_likelihood, fused_kernels
 
 
 def hmm_log_prob(init, trans, locs, y, *, fused):
     """DiscreteHMM's log-likelihood of ``y`` and its gradients by the three parameter tensors."""
     params = [tensor.clone().requires_grad_() for tensor in (init, trans, locs)]
-    with recording_kernels() if fused else torch.autograd.set_grad_enabled(True):
+    with fused_kernels() if fused else torch.autograd.set_grad_enabled(True):
         hmm = dist.DiscreteHMM(params[0], params[1], dist.Normal(params[2], 1.0), duration=y.shape[-1])
         log_prob = hmm.log_prob(y)
     return log_prob, torch.autograd.grad(log_prob.sum(), params)
@@ -120,7 +121,7 @@ def test_a_recorded_potential_calls_the_kernel_and_matches_pyro():
         return energy.detach(), torch.autograd.grad(energy.sum(), z)[0]
 
     example = torch.tensor([[-1.0, 1.0, -2.0], [0.0, 0.5, 0.0]], dtype=torch.float64)
-    with recording_kernels(), pyro.validation_enabled(False):
+    with fused_kernels(), pyro.validation_enabled(False):
         graph = make_fx(potential)(example)
     kernels = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
     assert {"latentkit.hmm_forward.default", "latentkit.hmm_forward_backward.default"} <= kernels
@@ -134,7 +135,7 @@ def test_a_recorded_potential_calls_the_kernel_and_matches_pyro():
 
 def test_pyros_log_prob_is_restored():
     pyro_log_prob = dist.DiscreteHMM.log_prob
-    with pytest.raises(RuntimeError, match="inside"), recording_kernels():
+    with pytest.raises(RuntimeError, match="inside"), fused_kernels():
         assert dist.DiscreteHMM.log_prob is not pyro_log_prob
         raise RuntimeError("inside")
     assert dist.DiscreteHMM.log_prob is pyro_log_prob
@@ -162,3 +163,20 @@ def test_the_availability_check_holds_under_no_grad():
     discrete_hmm.kernels_work.cache_clear()
     with torch.no_grad():
         assert discrete_hmm.kernels_work()
+
+
+def test_fits_store_pyros_log_likelihood_of_each_draw():
+    def hmm(y):
+        locs = pyro.sample("locs", dist.Normal(torch.tensor([-1.0, 1.0], dtype=y.dtype), 1.0).to_event(1))
+        trans = torch.tensor([[0.9, 0.1], [0.1, 0.9]], dtype=y.dtype).log()
+        pyro.sample("y", dist.DiscreteHMM(torch.zeros(2, dtype=y.dtype), trans, dist.Normal(locs.unsqueeze(-2), 1.0),
+                                          duration=len(y)), obs=y)
+
+    y = torch.randn(60, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    res = lk.fit(hmm, {"y": y}, engine="nuts", num_chains=2, num_warmup=30, num_samples=20, seed=0, progress=False)
+    locs = torch.as_tensor(res.posterior["locs"]).reshape(-1, 2)
+    trans = torch.tensor([[0.9, 0.1], [0.1, 0.9]], dtype=torch.float64).log()
+    expected = dist.DiscreteHMM(torch.zeros(2, dtype=torch.float64), trans, dist.Normal(locs.unsqueeze(-2), 1.0),
+                                duration=len(y)).log_prob(y)  # Pyro's scan, draw by draw
+    got = torch.as_tensor(res.log_likelihood["y"]).reshape(-1)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-10)
