@@ -103,7 +103,7 @@ def compile_function(
                 compiled = torch.compile(graph, backend="inductor", dynamic=False, fullgraph=True,
                                          options={"cpp_wrapper": True})
             else:
-                compiled = torch.jit.freeze(torch.jit.trace(graph, example, check_trace=False).eval())
+                compiled = torch.jit.freeze(torch.jit.trace(_Interpreted(graph), example, check_trace=False).eval())
                 if all(tensor.device.type == "cpu" for tensor in example):
                     compiled = _static_runtime(compiled)
             checks = [example, *probes]
@@ -145,6 +145,24 @@ def _quick_recording() -> Iterator[None]:
         return
     with tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True))), _use_lazy_graph_module(True):
         yield
+
+
+class _Interpreted(torch.nn.Module):
+    """A recorded graph run node by node by ``torch.fx.Interpreter``, for ``torch.jit.trace``.
+
+    The tracer notes the Python source line of every operation it records, reading it from the
+    code of the calling frame. A graph's generated ``forward`` has a line per operation, so each
+    note read a function as long as the graph: quadratic in its length (a ``pyro.markov`` HMM of
+    T = 300, 17,600 operations: 7.3 s to trace). Run from the interpreter's few lines, the same
+    recording takes 1.1 s and gives the same TorchScript graph.
+    """
+
+    def __init__(self, graph: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.fx.Interpreter(self.graph).run(*args)
 
 
 def _static_runtime(module: torch.jit.ScriptModule) -> Callable[..., tuple[torch.Tensor, ...]]:
