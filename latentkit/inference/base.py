@@ -86,7 +86,28 @@ def parse_options(cls: type[OptionsT], options: Mapping[str, Any], engine: str) 
         if minimum is not None and value is not None and isinstance(value, (int, float)):
             if value < minimum:
                 raise ConfigError(f"{name}: must be at least {minimum}, got {value!r}.")
+    if options.get("device") is not None:
+        check_device(options["device"])
     return cls(**options)
+
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a device that this PyTorch cannot use, before any work (PyTorch's own error comes
+    later and from deep inside, e.g. an ``AssertionError`` when a CPU-only build is asked for CUDA)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"device: {device!r} is not a device ({error}); pass e.g. 'cpu' or 'cuda:0'.") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device: {device!r}, but this PyTorch sees no CUDA GPU (a CPU-only build, or no "
+                              "driver); pass device='cpu' or leave it out.")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"device: {device!r}, but this machine has {count} CUDA GPU(s), 'cuda:0' to "
+                              f"'cuda:{count - 1}'.")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {device!r}, but MPS is not available here; pass device='cpu' or leave it out.")
 
 
 @contextlib.contextmanager

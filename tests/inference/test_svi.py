@@ -92,6 +92,16 @@ def test_unknown_option_and_guide():
         lk.fit(lk.models.GaussianMixture(2), X, engine="nutz")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("engine", ["svi", "nuts", "pyro-nuts"])
+def test_a_device_this_machine_lacks_is_refused_by_name(engine):
+    X = np.random.default_rng(0).normal(size=(20, 2))
+    with pytest.raises(ConfigError, match="device: 'cuda', but this PyTorch sees no CUDA GPU.*device='cpu'"):
+        lk.fit(lk.models.GaussianMixture(2), X, engine=engine, device="cuda")
+    with pytest.raises(ConfigError, match="device: 'gpu7' is not a device"):
+        lk.fit(lk.models.GaussianMixture(2), X, engine=engine, device="gpu7")
+
+
 def test_batch_size_needs_subsample_argument():
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
