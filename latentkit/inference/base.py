@@ -4,10 +4,13 @@ import contextlib
 import dataclasses
 import difflib
 import importlib.metadata
+import numbers
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
 import torch
 
 from latentkit.errors import ConfigError
@@ -77,11 +80,15 @@ def parse_options(cls: type[OptionsT], options: Mapping[str, Any], engine: str) 
                 f"{name}: not an option of engine {engine!r}.{hint} "
                 f"Its options are {sorted(known)}."
             )
+    hints = typing.get_type_hints(cls)
     for name, value in options.items():
         meta = known[name].metadata
+        if name != "device" and not _has_type(value, hints[name]):  # a device may be a torch.device too
+            raise ConfigError(f"{name}: must be {_describe(hints[name])}, got {value!r}.")
         choices = meta.get("choices")
         if choices is not None and isinstance(value, str) and value not in choices:
-            raise ConfigError(f"{name}: must be one of {list(choices)}, got {value!r}.")
+            flags = "True, False or " if bool in typing.get_args(hints[name]) else ""
+            raise ConfigError(f"{name}: must be {flags}one of {list(choices)}, got {value!r}.")
         minimum = meta.get("min")
         if minimum is not None and value is not None and isinstance(value, (int, float)):
             if value < minimum:
@@ -89,6 +96,31 @@ def parse_options(cls: type[OptionsT], options: Mapping[str, Any], engine: str) 
     if options.get("device") is not None:
         check_device(options["device"])
     return cls(**options)
+
+
+_KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string", type(None): "None"}
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits an option's annotation (NumPy scalars count as Python ones, a bool
+    is no number: ``dense_mass="no"`` or ``num_chains=True`` would otherwise pass unnoticed)."""
+    if typing.get_args(hint):  # a union
+        return any(_has_type(value, part) for part in typing.get_args(hint))
+    is_bool = isinstance(value, (bool, np.bool_))
+    if hint is bool:
+        return is_bool
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not is_bool
+    if hint is float:
+        return isinstance(value, numbers.Real) and not is_bool
+    if hint in (str, type(None)):
+        return isinstance(value, hint)
+    return True  # Any, or a type checked by the engine itself
+
+
+def _describe(hint: Any) -> str:
+    parts = typing.get_args(hint) or (hint,)
+    return " or ".join(_KINDS.get(part, getattr(part, "__name__", str(part))) for part in parts)
 
 
 def check_device(device: str | torch.device) -> None:

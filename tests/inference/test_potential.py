@@ -142,7 +142,7 @@ def test_the_jit_option_picks_the_compiler(monkeypatch):
     # NUTS: the potential (TorchScript, beside Numba's tree) or the whole step (inductor), then the
     # warm-up adaptation (always TorchScript).
     assert backends == ["torchscript", "torchscript", "inductor", "torchscript", ("hmc", "inductor")]
-    with pytest.raises(ConfigError, match="jit: must be one of"):
+    with pytest.raises(ConfigError, match="jit: must be True, False or one of"):
         lk.fit(eight_schools, SCHOOLS, jit="inducto", **kwargs)
 
 

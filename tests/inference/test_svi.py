@@ -92,6 +92,21 @@ def test_unknown_option_and_guide():
         lk.fit(lk.models.GaussianMixture(2), X, engine="nutz")
 
 
+def test_options_of_the_wrong_type_are_refused_by_name():
+    X = np.random.default_rng(0).normal(size=(20, 2))
+    with pytest.raises(ConfigError, match="dense_mass: must be True or False, got 'no'"):
+        lk.fit(lk.models.GaussianMixture(2), X, engine="nuts", dense_mass="no")
+    with pytest.raises(ConfigError, match="jit: must be True, False or one of \\['inductor'\\], got 'fast'"):
+        lk.fit(lk.models.GaussianMixture(2), X, engine="nuts", jit="fast")
+    with pytest.raises(ConfigError, match="num_particles: must be an integer, got 2.5"):
+        lk.fit(lk.models.GaussianMixture(2), X, engine="svi", num_particles=2.5)
+    with pytest.raises(ConfigError, match="steps: must be an integer or None, got True"):
+        lk.fit(lk.models.GaussianMixture(2), X, engine="svi", steps=True)
+    res = lk.fit(lk.models.GaussianMixture(1), X, engine="svi", steps=np.int64(5), learning_rate=np.float32(0.01),
+                 num_samples=3, progress=False)  # NumPy scalars are numbers
+    assert res.posterior["locs"].shape == (1, 3, 1, 2)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("engine", ["svi", "nuts", "pyro-nuts"])
 def test_a_device_this_machine_lacks_is_refused_by_name(engine):
