@@ -90,11 +90,11 @@ def parse_options(cls: type[OptionsT], options: Mapping[str, Any], engine: str) 
             flags = "True, False or " if bool in typing.get_args(hints[name]) else ""
             raise ConfigError(f"{name}: must be {flags}one of {list(choices)}, got {value!r}.")
         minimum = meta.get("min")
-        if minimum is not None and value is not None and isinstance(value, (int, float)):
+        if minimum is not None and isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
             if value < minimum:
                 raise ConfigError(f"{name}: must be at least {minimum}, got {value!r}.")
     if options.get("device") is not None:
-        check_device(options["device"])
+        _check_device(options["device"])
     return cls(**options)
 
 
@@ -123,7 +123,7 @@ def _describe(hint: Any) -> str:
     return " or ".join(_KINDS.get(part, getattr(part, "__name__", str(part))) for part in parts)
 
 
-def check_device(device: str | torch.device) -> None:
+def _check_device(device: str | torch.device) -> None:
     """Refuse a device that this PyTorch cannot use, before any work (PyTorch's own error comes
     later and from deep inside, e.g. an ``AssertionError`` when a CPU-only build is asked for CUDA)."""
     try:

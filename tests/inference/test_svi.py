@@ -102,6 +102,8 @@ def test_options_of_the_wrong_type_are_refused_by_name():
         lk.fit(lk.models.GaussianMixture(2), X, engine="svi", num_particles=2.5)
     with pytest.raises(ConfigError, match="steps: must be an integer or None, got True"):
         lk.fit(lk.models.GaussianMixture(2), X, engine="svi", steps=True)
+    with pytest.raises(ConfigError, match=r"num_samples: must be at least 1, got np.int64\(0\)"):  # NumPy ints too
+        lk.fit(lk.models.GaussianMixture(1), X, engine="svi", num_samples=np.int64(0))
     res = lk.fit(lk.models.GaussianMixture(1), X, engine="svi", steps=np.int64(5), learning_rate=np.float32(0.01),
                  num_samples=3, progress=False)  # NumPy scalars are numbers
     assert res.posterior["locs"].shape == (1, 3, 1, 2)
